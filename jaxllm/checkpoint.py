@@ -1,0 +1,118 @@
+"""Orbax checkpoints: params, optimizer state, data-iterator state and JSON metadata.
+
+Layout: `{output_dir}/checkpoints/{step}/{params,train_state,data,metadata}`. Orbax writes each
+step into a temporary directory and renames it when complete (its commit), so a half-written
+step is never listed or loaded. Restores take abstract targets carrying the *current* mesh's
+shardings, so a checkpoint saved on one mesh loads onto any other (resharded on read).
+Keeping `params` as its own item lets a later stage load params only (`init_from`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxllm.errors import CheckpointError
+
+ITEMS = ("params", "train_state", "data", "metadata")
+
+
+def checkpoint_dir(path: str) -> str:
+    """Accepts a run's output_dir, its checkpoints/ dir or a single step dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints")
+    return path
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params, train_state, data_state: dict, metadata: dict) -> None:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            train_state=ocp.args.StandardSave(train_state),
+            data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata))
+        self.manager.save(step, args=args, force=True)
+
+    def metadata(self, step: Optional[int] = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+    def restore(self, step: int, abstract_params, abstract_train_state=None) -> dict:
+        """Restores params (+ train_state and data if targets given) onto the targets' shardings."""
+        check_shapes(self.param_shapes(step), abstract_params, f"{self.directory}/{step}")
+        items = {"params": ocp.args.StandardRestore(abstract_params),
+                 "metadata": ocp.args.JsonRestore()}
+        if abstract_train_state is not None:
+            items["train_state"] = ocp.args.StandardRestore(abstract_train_state)
+            items["data"] = ocp.args.JsonRestore()
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
+
+    def param_shapes(self, step: int) -> dict:
+        meta = self.manager.item_metadata(step)["params"]
+        return {path: tuple(leaf.shape) for path, leaf in _flatten(meta)}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _flatten(tree) -> list:
+    from jaxllm.sharding import path_str
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape"):
+            out.append((path_str(path), leaf))
+    return out
+
+
+def check_shapes(saved: dict, abstract, where: str) -> None:
+    """Names the first tensor whose shape differs (or that is missing) between checkpoint and model."""
+    for path, leaf in _flatten(abstract):
+        if path not in saved:
+            raise CheckpointError(f"checkpoint {where} has no tensor {path!r}; it was written by a "
+                                  f"different model architecture")
+        if tuple(saved[path]) != tuple(leaf.shape):
+            raise CheckpointError(f"checkpoint {where}: tensor {path!r} has shape {tuple(saved[path])} "
+                                  f"but the model expects {tuple(leaf.shape)}; the model config differs "
+                                  f"from the checkpoint's")
+
+
+def open_for_read(path: str) -> tuple["Checkpointer", int]:
+    """Opens another run's checkpoints (init_from, info, generate). Path: run dir, checkpoints dir,
+    or a step dir (then that step)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path not found: {path}")
+    step = None
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+        step, path = int(base), os.path.dirname(path)
+    ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint under {path}")
+    return ckpt, step

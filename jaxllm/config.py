@@ -1,0 +1,396 @@
+"""Typed run configs: dataclasses loaded from YAML, composed by path, overridden by `a.b=value`.
+
+A run config is a tree of small dataclasses. Loading goes: YAML file -> `include:` files and
+section paths (`model: ../models/tiny.yaml`) merged in -> command-line overrides -> typed
+conversion (unknown keys and wrong types fail with a suggestion) -> per-section `validate()`.
+Checks that need the devices (mesh product, batch divisibility) live in `sharding.make_mesh`.
+Nothing here is global: the loaded `RunConfig` is passed explicitly to whoever needs a part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from jaxllm.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    # Llama-3 style RoPE frequency scaling; 0 = off (used by HF imports of Llama 3.1+).
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"
+    remat: Literal["none", "full", "save_dots"] = "none"
+    scan_layers: bool = False
+    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "mlp_dim", "max_seq_len")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                              f"{self.n_kv_heads}; grouped-query attention needs n_heads = k * n_kv_heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class MeshConfig:
+    """Mesh axis sizes. ICI axes are within a slice/host, DCN axes across slices/hosts.
+
+    -1 means "fill with the remaining devices" (at most one ICI axis may be -1).
+    """
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    # Overrides of the logical->mesh rules table (sharding.DEFAULT_RULES), e.g. {mlp: null}.
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        ici = [self.data, self.fsdp, self.tensor]
+        if sum(1 for s in ici if s == -1) > 1:
+            raise ConfigError("mesh: at most one of mesh.data/fsdp/tensor may be -1 (fill)")
+        for name in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor"):
+            v = getattr(self, name)
+            if v == 0 or v < -1 or (name.startswith("dcn") and v < 1):
+                raise ConfigError(f"mesh.{name}={v}: use a positive size" +
+                                  ("" if name.startswith("dcn") else " or -1 to fill"))
+
+
+@dataclass
+class SourceConfig:
+    """One data source. `kind` picks the reader; the other fields are read by that reader."""
+    kind: Literal["default", "text", "jsonl", "parquet", "arrayrecord", "tfds", "generated"] = "default"
+    path: str = ""  # file, directory or glob (text/jsonl/parquet/arrayrecord)
+    text_field: str = "text"
+    doc_per: Literal["file", "line"] = "file"  # for kind=text
+    name: str = ""  # tfds dataset name, or generated task name
+    split: str = "train"
+    data_dir: str = ""  # tfds data_dir
+    weight: float = 1.0  # mixture weight
+    size: int = 0  # generated datasets: number of examples (0 = the generator's default)
+
+    def validate(self) -> None:
+        if self.kind in ("text", "jsonl", "parquet", "arrayrecord") and not self.path:
+            raise ConfigError(f"data source kind={self.kind} needs a path: set data.sources[i].path")
+        if self.kind in ("tfds", "generated") and not self.name:
+            raise ConfigError(f"data source kind={self.kind} needs a name: set data.sources[i].name")
+        if self.weight <= 0:
+            raise ConfigError(f"data source weight={self.weight} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["text", "chat", "preference", "prompt"] = "text"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    eval_sources: list[SourceConfig] = field(default_factory=list)  # empty: hold out eval_fraction
+    eval_fraction: float = 0.05
+    tokenizer: str = ""  # SentencePiece .model path; "" = the embedded default tokenizer
+    num_threads: int = 2
+    prefetch: int = 4
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: name at least one source")
+        for s in self.sources + self.eval_sources:
+            s.validate()
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    lr: float = 3e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # save every N steps (and at the end); 0 = only at the end
+    keep: int = 3  # keep the last K
+    async_save: bool = True
+    init_from: str = ""  # another run's output_dir or checkpoint step dir
+    init_mode: Literal["params", "full"] = "params"  # params only, or the full train state
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step; batch_size is split across them
+    log_every: int = 10
+    nan_policy: Literal["skip", "stop"] = "skip"
+    stop_at: int = 0  # stop (with a checkpoint) after this step; the schedule still spans `steps`
+    progress: bool = True  # progress bar on interactive terminals
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # held-out loss every N steps; 0 = only at the end
+    batches: int = 8
+
+    def validate(self) -> None:
+        if self.every < 0 or self.batches < 1:
+            raise ConfigError("eval.every must be >= 0 and eval.batches >= 1")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "causal_lm"  # a key of objectives.LOSSES
+    z_loss: float = 0.0
+    mask_prob: float = 0.15  # masked_lm: fraction of tokens selected
+
+    def validate(self) -> None:
+        from jaxllm.objectives import LOSSES  # late import: objectives imports jax
+        if self.name not in LOSSES:
+            raise ConfigError(f"objective.name={self.name!r} is not a known loss" +
+                              _suggest(self.name, LOSSES) + f" (known: {', '.join(sorted(LOSSES))})")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"objective.mask_prob={self.mask_prob} must be in (0, 1)")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate()
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty: set output_dir=PATH")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+
+
+def _positive(obj, *names: str) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise ConfigError(f"{section}.{n}={v} must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_config(path: str | None, overrides: list[str] = (), cls=RunConfig) -> Any:
+    """YAML file + `a.b=value` overrides -> validated dataclass. Raises ConfigError."""
+    raw = _load_yaml_tree(path) if path else {}
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
+        _set_dotted(raw, key.strip(), _parse_scalar(value))
+    cfg = from_dict(cls, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def _load_yaml_tree(path: str, _seen: tuple = ()) -> dict:
+    """Reads a YAML file, resolving `include:` lists and section values given as paths."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"config include cycle through {path}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+    base_dir = os.path.dirname(path)
+    merged: dict = {}
+    includes = data.pop("include", []) or []
+    for inc in [includes] if isinstance(includes, str) else includes:
+        _deep_merge(merged, _load_yaml_tree(os.path.join(base_dir, inc), _seen + (path,)))
+    for key, value in list(data.items()):
+        # `model: ../models/tiny.yaml` loads that file as the `model` section.
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and key in _SECTION_NAMES:
+            data[key] = _load_yaml_tree(os.path.join(base_dir, value), _seen + (path,))
+    _deep_merge(merged, data)
+    return merged
+
+
+_SECTION_NAMES = ("model", "mesh", "data", "optimizer", "checkpoint", "train", "eval", "objective")
+
+
+def _deep_merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if p.isdigit() and isinstance(node, list):
+            node = node[int(p)]
+            continue
+        if not isinstance(node.get(p), (dict, list)):
+            node[p] = {}
+        node = node[p]
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def from_dict(cls, raw: Any, prefix: str) -> Any:
+    """Builds dataclass `cls` from a plain dict, checking every key and type."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key}{_suggest(key, fields)}")
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _convert(tp, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, name + ".")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r}: choose one of {', '.join(map(str, args))}"
+                              + (_suggest(value, args) if isinstance(value, str) else ""))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{name}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"{name}: unsupported config type {tp}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,373 @@
+"""The one train loop. Every stage is a loss from objectives.LOSSES plus a data kind.
+
+Hot path: `train_step(state, batch, frozen)` is a single `jax.jit` over pure pytrees (the NNX
+graphdef is closed over, the state is donated). It sums loss and gradients over micro-batches,
+divides once by the total count, applies the optax update, and replaces a non-finite update by
+the previous state. Metrics come back as device arrays and are read one step later, so the host
+never waits for the device before dispatching the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxllm import checkpoint as ckpt_lib
+from jaxllm.config import RunConfig, to_dict
+from jaxllm.errors import CheckpointError, ConfigError, TrainingHalted
+from jaxllm.model import Transformer, flops_per_token
+from jaxllm.monitor import MetricsLogger, Progress, peak_flops_per_device
+from jaxllm.objectives import LOSSES, LossContext
+from jaxllm.optim import make_optimizer, schedule
+from jaxllm.sharding import (data_parallel_size, make_mesh, make_rules, match_shardings,
+                             state_shardings, use_mesh_rules)
+
+VERSION = "0.1.0"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps attempted so far
+    params: Any  # nnx.State of trainable params
+    rest: Any  # nnx.State of everything else in the model (frozen weights, buffers)
+    opt_state: Any
+    skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss/grad
+
+
+# ---- model and state construction -----------------------------------------------------------
+def trainable_filter(cfg: RunConfig):
+    return nnx.Param
+
+
+def abstract_model(make_model: Callable[[nnx.Rngs], nnx.Module], trainable):
+    """(graphdef, abstract trainable state, abstract rest) without allocating any weights."""
+    model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+    return nnx.split(model, trainable, ...)
+
+
+def state_shardings_for(abs_params, abs_rest, optimizer, mesh, rules) -> TrainState:
+    p_sh = state_shardings(abs_params, mesh, rules)
+    r_sh = state_shardings(abs_rest, mesh, rules)
+    abs_opt = jax.eval_shape(optimizer.init, abs_params)
+    o_sh = match_shardings(abs_opt, p_sh, mesh)
+    scalar = NamedSharding(mesh, P())
+    return TrainState(step=scalar, params=p_sh, rest=r_sh, opt_state=o_sh, skipped=scalar)
+
+
+def init_state(make_model, trainable, optimizer, shardings: TrainState, seed: int) -> TrainState:
+    """Creates params and optimizer state directly sharded: jit(init, out_shardings)."""
+    def init():
+        model = make_model(nnx.Rngs(seed))
+        _, params, rest = nnx.split(model, trainable, ...)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                          opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def abstract_like(shardings_tree, abstract_tree):
+    """ShapeDtypeStructs carrying target shardings: the restore target for orbax."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_tree, shardings_tree)
+
+
+# ---- the step ------------------------------------------------------------------------------
+def make_train_step(graphdef, loss_fn, obj_cfg, optimizer, lr_fn, *, seed: int, nan_policy: str,
+                    extras: dict, mesh, rules, state_shardings: TrainState):
+    def micro_loss(params, rest, batch, rng, frozen):
+        model = nnx.merge(graphdef, params, rest)
+        out = loss_fn(model, batch, LossContext(rng=rng, cfg=obj_cfg, frozen=frozen, extras=extras))
+        return out.loss_sum, out
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def accumulate(params, rest, batch, rng, frozen):
+        """batch leaves are [A, b, ...]: sum grads and LossOut over the A micro-batches."""
+        def one(i):
+            mb = jax.tree.map(lambda x: x[i], batch)
+            return grad_fn(params, rest, mb, jax.random.fold_in(rng, i), frozen)
+        acc = one(0)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if n_micro > 1:
+            def body(carry, i):
+                return jax.tree.map(jnp.add, carry, one(i)), None
+            acc, _ = jax.lax.scan(body, acc, jnp.arange(1, n_micro))
+        return acc
+
+    def step(state: TrainState, batch, frozen):
+        with use_mesh_rules(mesh, rules):
+            rng = jax.random.fold_in(jax.random.key(seed), state.step)
+            grads, out = accumulate(state.params, state.rest, batch, rng, frozen)
+            denom = jnp.maximum(out.denom, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            loss = out.loss_sum / denom
+            grad_norm = optax.global_norm(grads)
+            updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                                   rest=state.rest, opt_state=keep(new_opt, state.opt_state),
+                                   skipped=state.skipped + (~finite).astype(jnp.int32))
+            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+                       "finite": finite, "units": out.denom, "skipped": new_state.skipped}
+            for name, (s, c) in out.metrics.items():
+                metrics[name] = s / jnp.maximum(c, 1.0)
+            return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))
+
+
+def make_eval_step(graphdef, loss_fn, obj_cfg, extras, mesh, rules, seed: int):
+    def eval_step(params, rest, batch, index, frozen):
+        with use_mesh_rules(mesh, rules):
+            model = nnx.merge(graphdef, params, rest)
+            mb = jax.tree.map(lambda x: x[0], batch)
+            rng = jax.random.fold_in(jax.random.key(seed + 1), index)  # fixed across evals
+            out = loss_fn(model, mb, LossContext(rng=rng, cfg=obj_cfg, frozen=frozen, extras=extras))
+            return {"loss": (out.loss_sum, out.denom), **out.metrics}
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, state: TrainState, batches: list, frozen=None) -> dict:
+    totals: dict = {}
+    for i, b in enumerate(batches):
+        for name, (s, c) in jax.device_get(eval_step(state.params, state.rest, b, i, frozen)).items():
+            ts, tc = totals.get(name, (0.0, 0.0))
+            totals[name] = (ts + float(s), tc + float(c))
+    return {f"eval_{k}": s / max(c, 1.0) for k, (s, c) in totals.items()}
+
+
+# ---- the run -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    """What a stage plugs into the loop: model builder, loss, data, extras, frozen inputs."""
+    make_model: Callable[[nnx.Rngs], nnx.Module]
+    loss_fn: Callable
+    pipeline: Any
+    tokenizer: Any
+    extras: dict = dataclasses.field(default_factory=dict)
+    frozen: Any = None
+
+
+def build_stage(cfg: RunConfig, process_index: int = 0, process_count: int = 1) -> Stage:
+    from jaxllm.data.pipeline import build_text_pipeline
+    from jaxllm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
+    if cfg.data.kind != "text":
+        raise ConfigError(f"data.kind={cfg.data.kind!r} is not supported by objective "
+                          f"{cfg.objective.name!r}; use data.kind=text")
+    pipeline = build_text_pipeline(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                   cfg.eval.batches, process_index, process_count)
+    return Stage(make_model=lambda rngs: Transformer(cfg.model, rngs), loss_fn=LOSSES[cfg.objective.name],
+                 pipeline=pipeline, tokenizer=tok, extras={"mask_id": tok.mask_id})
+
+
+def check_batch(cfg: RunConfig, mesh) -> None:
+    dp = data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum}"
+                          f" = {micro} sequences per micro-batch is not divisible by the data-parallel "
+                          f"size data*fsdp = {dp}; change train.batch_size or the mesh")
+
+
+def run_metadata(cfg: RunConfig, stage: Stage, step: int, parent: Optional[str]) -> dict:
+    return {"jaxllm_version": VERSION, "stage": cfg.stage, "step": step, "parent": parent,
+            "config": to_dict(cfg), "model": to_dict(cfg.model), "tokenizer": stage.tokenizer.describe(),
+            "objective": cfg.objective.name, "time": time.time()}
+
+
+def check_resume_compatible(meta: dict, cfg: RunConfig, output_dir: str) -> None:
+    if meta.get("model") != to_dict(cfg.model) or meta.get("stage") != cfg.stage:
+        raise CheckpointError(f"output_dir {output_dir} holds checkpoints of another run (stage "
+                              f"{meta.get('stage')!r} or model config differs); pick a new output_dir")
+
+
+def check_tokenizer(meta: dict, tok, where: str) -> None:
+    saved = (meta.get("tokenizer") or {}).get("sha256")
+    if saved and saved != tok.sha256:
+        raise CheckpointError(f"tokenizer {tok.path} differs from the one checkpoint {where} was trained "
+                              f"with ({meta['tokenizer'].get('path')}); set data.tokenizer to that file")
+
+
+class Trainer:
+    """Wires config -> mesh -> stage -> state -> loop. One instance per run."""
+
+    def __init__(self, cfg: RunConfig, stage_builder: Callable = build_stage):
+        self.cfg = cfg
+        self.pid, self.nproc = jax.process_index(), jax.process_count()
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = make_rules(cfg.mesh.rules)
+        check_batch(cfg, self.mesh)
+        self.stage = stage_builder(cfg, self.pid, self.nproc)
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
+        self.lr_fn = schedule(cfg.optimizer, cfg.train.steps)
+        trainable = trainable_filter(cfg)
+        self.graphdef, abs_params, abs_rest = abstract_model(self.stage.make_model, trainable)
+        self.shardings = state_shardings_for(abs_params, abs_rest, self.optimizer, self.mesh, self.rules)
+        self._abs_params, self._abs_rest, self._trainable = abs_params, abs_rest, trainable
+        self.output_dir = os.path.abspath(cfg.output_dir)
+        self.ckpt: Optional[ckpt_lib.Checkpointer] = None
+
+    # -- state: resume, init_from, or fresh --
+    def _abstract_state(self) -> TrainState:
+        abs_state = jax.eval_shape(lambda: init_state(self.stage.make_model, self._trainable,
+                                                      self.optimizer, self.shardings, self.cfg.seed))
+        return abstract_like(self.shardings, abs_state)
+
+    def initial_state(self) -> tuple[TrainState, Optional[dict], Optional[str]]:
+        cfg = self.cfg
+        ckdir = os.path.join(self.output_dir, "checkpoints")
+        if os.path.isdir(ckdir):
+            existing = ckpt_lib.Checkpointer(ckdir, read_only=True)
+            step = existing.latest_step()
+            if step is not None:
+                meta = existing.metadata(step)
+                check_resume_compatible(meta, cfg, self.output_dir)
+                abs_state = self._abstract_state()
+                train_target = {"step": abs_state.step, "rest": abs_state.rest,
+                                "opt_state": abs_state.opt_state, "skipped": abs_state.skipped}
+                out = existing.restore(step, abs_state.params, train_target)
+                ts = out["train_state"]
+                state = TrainState(step=ts["step"], params=out["params"], rest=ts["rest"],
+                                   opt_state=ts["opt_state"], skipped=ts["skipped"])
+                existing.close()
+                return state, out["data"], meta.get("parent")
+        state = init_state(self.stage.make_model, self._trainable, self.optimizer, self.shardings, cfg.seed)
+        parent = None
+        if cfg.checkpoint.init_from:
+            state, parent = self._init_from(state)
+        return state, None, parent
+
+    def _init_from(self, state: TrainState):
+        cfg = self.cfg
+        src, step = ckpt_lib.open_for_read(cfg.checkpoint.init_from)
+        meta = src.metadata(step)
+        check_tokenizer(meta, self.stage.tokenizer, cfg.checkpoint.init_from)
+        abs_state = self._abstract_state()
+        if cfg.checkpoint.init_mode == "full":
+            train_target = {"step": abs_state.step, "rest": abs_state.rest,
+                            "opt_state": abs_state.opt_state, "skipped": abs_state.skipped}
+            out = src.restore(step, abs_state.params, train_target)
+            ts = out["train_state"]
+            state = TrainState(step=jnp.zeros((), jnp.int32), params=out["params"], rest=ts["rest"],
+                               opt_state=ts["opt_state"], skipped=jnp.zeros((), jnp.int32))
+        else:
+            out = src.restore(step, abs_state.params)
+            state = dataclasses.replace(state, params=out["params"])
+        src.close()
+        return state, f"{src.directory}/{step}"
+
+    # -- the loop --
+    def run(self) -> dict:
+        cfg, stage = self.cfg, self.stage
+        state, data_state, parent = self.initial_state()
+        start = int(jax.device_get(state.step))
+        stop_at = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+        is_main = self.pid == 0
+        self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.output_dir, "checkpoints"),
+                                          keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        logger = MetricsLogger(self.output_dir, enabled=is_main)
+        if is_main:
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                from jaxllm.config import dump_yaml
+                f.write(dump_yaml(cfg))
+        train_step = make_train_step(self.graphdef, stage.loss_fn, cfg.objective, self.optimizer, self.lr_fn,
+                                     seed=cfg.seed, nan_policy=cfg.train.nan_policy, extras=stage.extras,
+                                     mesh=self.mesh, rules=self.rules, state_shardings=self.shardings)
+        eval_step = make_eval_step(self.graphdef, stage.loss_fn, cfg.objective, stage.extras, self.mesh,
+                                   self.rules, cfg.seed)
+        from jaxllm.data.pipeline import to_global
+        eval_batches = [to_global(b, self.mesh, self.rules) for b in stage.pipeline.eval_batches]
+        it = stage.pipeline.iterator(data_state, cfg.data.num_threads, cfg.data.prefetch)
+        progress = Progress(cfg.train.steps, start, cfg.train.progress and is_main)
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+        peak = peak_flops_per_device()
+        n_dev = jax.device_count()
+        last = {}
+
+        def save(step_done: int):
+            meta = run_metadata(cfg, stage, step_done, parent)
+            train_part = {"step": state.step, "rest": state.rest, "opt_state": state.opt_state,
+                          "skipped": state.skipped}
+            self.ckpt.save(step_done, state.params, train_part, it.get_state(), meta)
+
+        def do_eval(step_done: int):
+            if not eval_batches:
+                return {}
+            m = evaluate(eval_step, state, eval_batches, stage.frozen)
+            logger.log(step_done, m)
+            progress.write(f"step {step_done}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+            return m
+
+        if start == 0 and eval_batches and cfg.eval.every:
+            last.update(do_eval(0))
+        pending = None  # (step_done, metrics on device, wall time at dispatch)
+        t_prev = time.perf_counter()
+        try:
+            for step in range(start, stop_at):
+                batch = to_global(next(it), self.mesh, self.rules, cfg.train.grad_accum)
+                state, metrics = train_step(state, batch, stage.frozen)
+                if pending is not None:
+                    t_prev = self._report(pending, logger, progress, last, t_prev, tokens_per_step, fpt,
+                                          peak, n_dev)
+                pending = (step + 1, metrics)
+                done = step + 1
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < stop_at:
+                    save(done)
+                if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+                    last.update(do_eval(done))
+            if pending is not None:
+                self._report(pending, logger, progress, last, t_prev, tokens_per_step, fpt, peak, n_dev)
+            final = int(jax.device_get(state.step))
+            if final > start or self.ckpt.latest_step() != final:
+                save(final)
+            if final >= cfg.train.steps:
+                last.update(do_eval(final))
+        finally:
+            self.ckpt.close()
+            progress.close()
+            logger.close()
+        self.state = state
+        return {"step": int(jax.device_get(state.step)), **last}
+
+    def _report(self, pending, logger, progress, last, t_prev, tokens_per_step, fpt, peak, n_dev):
+        step_done, metrics = pending
+        m = jax.device_get(metrics)  # waits for that step only; the next one is already queued
+        now = time.perf_counter()
+        if not bool(m["finite"]):
+            msg = f"non-finite loss or gradient at step {step_done} (update skipped)"
+            if self.cfg.train.nan_policy == "stop":
+                raise TrainingHalted(f"{msg}; stopping as train.nan_policy=stop. The last checkpoint "
+                                     f"is intact; lower optimizer.lr or check the data")
+            progress.write(msg)
+        dt = now - t_prev
+        m = {k: float(v) for k, v in m.items()}
+        m["tokens_per_s"] = tokens_per_step / dt if dt > 0 else 0.0
+        m["step_time_s"] = dt
+        if peak:
+            m["mfu"] = fpt * m["tokens_per_s"] / (peak * n_dev)
+        last.update({"loss": m["loss"]})
+        if step_done % self.cfg.train.log_every == 0 or step_done == 1:
+            logger.log(step_done, m)
+        progress.update(1, f"loss={m['loss']:.3f} tok/s={m['tokens_per_s']:.0f}")
+        return now
+
+
+def train(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()
