@@ -36,7 +36,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

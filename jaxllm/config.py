@@ -378,6 +378,11 @@ def _convert(tp, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number")
         return float(value)

@@ -28,14 +28,14 @@ def _dtype(name: str):
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     # eager_sharding=False: placement is decided by our rules table, not at creation.
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 # ---- building blocks ----------------------------------------------------------------------
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",),
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",),
                                eager_sharding=False)
 
     def __call__(self, x):  # x: [..., D]

@@ -139,7 +139,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict):
 
     def one(path, var):
         names = logical_names(var)
-        shape = var.value.shape
+        shape = var.get_value().shape
         if names and len(names) != len(shape):
             raise ConfigError(f"param {_path_str(path)}: {len(names)} logical names for shape {shape}")
         spec = spec_for(names, rules, shape, mesh, what=f"param {_path_str(path)}") if names else P()

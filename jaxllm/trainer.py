@@ -110,7 +110,7 @@ def make_train_step(graphdef, loss_fn, obj_cfg, optimizer, lr_fn, *, seed: int, 
             denom = jnp.maximum(out.denom, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = out.loss_sum / denom
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
             new_params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
