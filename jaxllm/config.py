@@ -121,6 +121,7 @@ class DataConfig:
     eval_sources: list[SourceConfig] = field(default_factory=list)  # empty: hold out eval_fraction
     eval_fraction: float = 0.05
     tokenizer: str = ""  # SentencePiece .model path; "" = the embedded default tokenizer
+    max_prompt_len: int = 64  # prompt kind: prompts are left-padded/truncated to this many tokens
     num_threads: int = 2
     prefetch: int = 4
 

@@ -196,6 +196,8 @@ def to_global(batch: dict, mesh, rules, grad_accum: int = 1) -> dict:
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
+        if v.dtype.kind in "USO":  # text fields (prompts, reference answers) stay on the host
+            continue
         if grad_accum > 1:
             v = v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
         else:
@@ -203,3 +205,121 @@ def to_global(batch: dict, mesh, rules, grad_accum: int = 1) -> dict:
         sharding = batch_sharding(mesh, rules, v.ndim, leading=1)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+# ---- chat, preference and prompt examples -------------------------------------------------
+def _pad_to(x: np.ndarray, n: int, value: int = 0) -> np.ndarray:
+    return np.concatenate([x[:n], np.full(max(n - len(x), 0), value, x.dtype)])
+
+
+def sequence_example(ids: np.ndarray, out_mask: np.ndarray, seq_len: int) -> dict:
+    """ids/out_mask [N] -> right-padded next-token example of length seq_len.
+    loss_mask[t] = 1 iff targets[t] is an output (assistant/completion) token."""
+    n = min(len(ids), seq_len + 1)
+    toks = _pad_to(ids.astype(np.int32), seq_len + 1, PAD_ID)
+    mask = _pad_to(out_mask.astype(np.int32), seq_len + 1, 0)
+    seg = (np.arange(seq_len + 1) < n).astype(np.int32)
+    return {"inputs": toks[:-1], "targets": toks[1:], "loss_mask": mask[1:] * seg[1:],
+            "segment_ids": seg[:-1], "positions": np.arange(seq_len, dtype=np.int32)}
+
+
+def chat_example(rec: dict, tok: Tokenizer, seq_len: int) -> dict:
+    from jaxllm.data.chat import messages_of, render
+    ids, mask = render(tok, messages_of(rec))
+    return sequence_example(ids, mask, seq_len)
+
+
+def _completions(rec: dict) -> tuple[Any, list]:
+    """-> (prompt, completions ranked best first)."""
+    if "completions" in rec:
+        comps = rec["completions"]
+    elif "chosen" in rec and "rejected" in rec:
+        comps = [rec["chosen"], rec["rejected"]]
+    elif "answer" in rec and "rejected" in rec:  # generated tasks
+        comps = [rec["answer"], rec["rejected"]]
+    else:
+        raise DataError("preference record needs prompt with chosen/rejected or a ranked completions list")
+    if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
+        raise DataError("preference record: need at least 2 completion strings")
+    if not isinstance(rec.get("prompt"), (str, list)):
+        raise DataError("preference record: prompt missing or not text/messages")
+    return rec["prompt"], comps
+
+
+def preference_example(rec: dict, tok: Tokenizer, seq_len: int) -> dict:
+    """-> arrays [K, seq_len], K completions ranked best first (K=2: chosen, rejected)."""
+    from jaxllm.data.chat import completion_ids, prompt_ids
+    prompt, comps = _completions(rec)
+    p = prompt_ids(tok, prompt)
+    rows = []
+    for c in comps:
+        cids = completion_ids(tok, c)
+        rows.append(sequence_example(np.concatenate([p, cids]),
+                                     np.r_[np.zeros(len(p), np.int32), np.ones(len(cids), np.int32)], seq_len))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def prompt_example(rec: dict, tok: Tokenizer, max_prompt_len: int) -> dict:
+    """Left-padded prompt ids (+ reference answer text, kept on the host)."""
+    from jaxllm.data.chat import prompt_ids
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, (str, list)):
+        raise DataError("prompt record: field 'prompt' missing or not text/messages")
+    ids = prompt_ids(tok, prompt)[-max_prompt_len:]
+    padded = np.concatenate([np.full(max_prompt_len - len(ids), PAD_ID, np.int32), ids])
+    return {"prompt": padded, "prompt_text": np.str_(prompt if isinstance(prompt, str) else repr(prompt)),
+            "answer": np.str_(rec.get("answer", "") or "")}
+
+
+def convert_records(records: list, fn: Callable, report: Report, where: str) -> list:
+    out = []
+    for i, r in enumerate(records):
+        try:
+            out.append(fn(r))
+        except DataError as e:
+            report.drop(str(e), f"{where}[{i}]")
+            report.kept -= 1
+    return out
+
+
+def padding_fraction(examples: list) -> float:
+    segs = [e["segment_ids"] for e in examples if "segment_ids" in e]
+    if not segs:
+        return 0.0
+    total = sum(s.size for s in segs)
+    return float(1.0 - sum(int((s != 0).sum()) for s in segs) / total)
+
+
+def build_pipeline(cfg: DataConfig, tok: Tokenizer, seq_len: int, global_batch: int, seed: int,
+                   eval_batches: int, process_index: int = 0, process_count: int = 1) -> Pipeline:
+    """Any data kind -> Pipeline. text: packed windows; chat/preference/prompt: one example each."""
+    if cfg.kind == "text":
+        return build_text_pipeline(cfg, tok, seq_len, global_batch, seed, eval_batches,
+                                   process_index, process_count)
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+    local = global_batch // process_count
+    fn = {"chat": lambda r: chat_example(r, tok, seq_len),
+          "preference": lambda r: preference_example(r, tok, seq_len),
+          "prompt": lambda r: prompt_example(r, tok, cfg.max_prompt_len)}[cfg.kind]
+    splits = load_splits(cfg)
+    report = splits.report
+    train_sets = [convert_records(t, fn, report, f"source {i}") for i, t in enumerate(splits.train)]
+    if not any(train_sets):
+        raise DataError(f"no usable {cfg.kind} examples ({report.summary()})")
+    eval_set = convert_records([r for e in splits.eval for r in e], fn, report, "eval")
+    kept = [(s, w) for s, w in zip(train_sets, splits.weights) if s]
+    train_ds = make_batched([s for s, _ in kept], [w for _, w in kept], seed, local, process_index, process_count)
+    eval_list = []
+    if eval_set:
+        n_batches = min(eval_batches, len(eval_set) // global_batch)
+        if n_batches == 0:
+            raise DataError(f"held-out split has {len(eval_set)} examples, fewer than one batch of "
+                            f"{global_batch}; add eval data or lower train.batch_size")
+        eval_ds = grain.MapDataset.source(eval_set)[process_index::process_count].batch(local, batch_fn=_stack)
+        eval_list = [eval_ds[i] for i in range(n_batches)]
+    all_train = [e for s in train_sets for e in s]
+    stats = {"train_examples": len(all_train), "eval_examples": len(eval_set),
+             "padding_fraction": padding_fraction(all_train), "sources": len(kept),
+             "truncated": int(sum(1 for e in all_train if "segment_ids" in e and e["segment_ids"].reshape(-1, seq_len)[:, -1].any()))}
+    return Pipeline(train_ds, eval_list, report, stats)

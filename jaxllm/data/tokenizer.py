@@ -37,22 +37,30 @@ def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int = 102
         raise DataError("tokenizer training got no text: check the input files/sources")
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)) or ".", exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=list(SPECIAL_TOKENS) + ["\n", "\t"],
-        byte_fallback=model_type != "char", normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        max_sentence_length=max_sentence_length, num_threads=2, minloglevel=2,
-        hard_vocab_limit=model_type != "char",
-    )
+    try:
+        _train_sp(sentences, model, vocab_size, model_type, character_coverage, max_sentence_length)
+    except RuntimeError as e:  # sentencepiece reports e.g. a vocab too small for the characters
+        reason = str(e).split("] ")[-1].strip()
+        raise DataError(f"tokenizer training failed: {reason}") from None
     path = out_prefix + ".model"
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, path)
     return Tokenizer(path)
+
+
+def _train_sp(sentences, model, vocab_size, model_type, character_coverage, max_sentence_length):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        user_defined_symbols=list(SPECIAL_TOKENS) + ["\n", "\t"],
+        byte_fallback=model_type != "char", normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+        max_sentence_length=max_sentence_length, num_threads=2, minloglevel=2,
+        hard_vocab_limit=model_type != "char",
+    )
 
 
 class Tokenizer:
