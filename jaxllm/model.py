@@ -31,6 +31,19 @@ def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
+def dense(x, w, n_contract: int = 1):
+    """Contracts the last `n_contract` dims of x with the first of w as one 2-D matmul.
+
+    Same math as an einsum, but XLA:CPU runs the backward of [B, T, D] x [D, F] einsums several
+    times slower than of [B*T, D] x [D, F] matmuls (measured 716 vs 258 ms for a 32k-vocab head);
+    on TPU/GPU the reshapes are free."""
+    lead, k_shape = x.shape[: x.ndim - n_contract], x.shape[x.ndim - n_contract:]
+    out_shape = w.shape[n_contract:]
+    k = math.prod(k_shape)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(*lead, *out_shape)
+
+
 # ---- building blocks ----------------------------------------------------------------------
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
@@ -126,9 +139,9 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x):
         dt = self.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q = dense(x, self.q[...].astype(dt))  # [B, T, H, Dh]
+        k = dense(x, self.k[...].astype(dt))  # [B, T, K, Dh]
+        v = dense(x, self.v[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         return q, k, v
@@ -139,7 +152,7 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "act_len", "act_heads", None))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "act_len", "act_kv_heads", None))
         out = dot_product_attention(q, k, v, mask, self.impl)  # [B, T, H, Dh]
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.dtype))
+        return dense(out, self.o[...].astype(self.dtype), 2)  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -155,9 +168,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):  # [B, T, D]
         dt = self.dtype
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
         h = constrain(h, ("batch", "act_len", "act_mlp"))  # [B, T, F]
-        return h @ self.down[...].astype(dt)
+        return dense(h, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -235,7 +248,7 @@ class Transformer(nnx.Module):
         """h: [B, T, D] -> float32 logits [B, T, V]."""
         dt = _dtype(self.cfg.dtype)
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        out = jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
+        out = dense(h, w.astype(dt)).astype(jnp.float32)  # [B, T, V]
         return constrain(out, ("batch", "act_len", "act_vocab"))
 
     def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):

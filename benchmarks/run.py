@@ -1,0 +1,305 @@
+"""Benchmark entry point: `python -m benchmarks.run SUITE [--smoke] [--devices N] [--mesh d,f,t]`.
+
+Suites: train (step time, tokens/s/device, MFU; FLOPs by formula cross-checked with XLA's cost
+analysis), data (input-pipeline tokens/s vs the tiny model's consumption), checkpoint (save,
+restore, async-save slowdown), peer (jaxllm vs nanoGPT-style PyTorch eager and torch.compile on
+the same model, data, batch and machine, in one run), table (rewrite benchmarks/README.md).
+Each suite writes a JSON record to benchmarks/results/ (not with --smoke, which CI runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _early_devices(argv):
+    if "--devices" in argv:
+        n = argv[argv.index("--devices") + 1]
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+_early_devices(sys.argv)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import load_records, median, timed, write_record  # noqa: E402
+from jaxllm.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimizerConfig  # noqa: E402
+
+PEER_MODEL = dict(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64,
+                  mlp_dim=1024, max_seq_len=256, tie_embeddings=False)
+TINY_MODEL = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=384,
+                  max_seq_len=256)
+
+
+class Harness:
+    """A jaxllm train step for a model config on a mesh, fed with fixed batches."""
+
+    def __init__(self, model_kw: dict, mesh: MeshConfig, opt: OptimizerConfig, total_steps: int = 1000):
+        from flax import nnx
+        from jaxllm.model import Transformer
+        from jaxllm.objectives import LOSSES
+        from jaxllm.optim import make_optimizer, schedule
+        from jaxllm.sharding import make_mesh, make_rules
+        from jaxllm.trainer import (abstract_model, init_state, make_eval_step, make_train_step,
+                                    state_shardings_for)
+        self.model_cfg = ModelConfig(**model_kw)
+        self.mesh, self.rules = make_mesh(mesh), make_rules()
+        make_model = lambda r: Transformer(self.model_cfg, r)
+        graphdef, ap, ar = abstract_model(make_model, nnx.Param)
+        self.opt = make_optimizer(opt, total_steps)
+        self.shardings = state_shardings_for(ap, ar, self.opt, self.mesh, self.rules)
+        self.state = init_state(make_model, nnx.Param, self.opt, self.shardings, seed=0)
+        self.step_fn = make_train_step(graphdef, LOSSES["causal_lm"], ObjectiveConfig(), self.opt,
+                                       schedule(opt, total_steps), seed=0, nan_policy="skip", extras={},
+                                       mesh=self.mesh, rules=self.rules, state_shardings=self.shardings)
+        self.eval_fn = make_eval_step(graphdef, LOSSES["causal_lm"], ObjectiveConfig(), {}, self.mesh, self.rules, 0)
+
+    def put(self, batch, accum=1):
+        from jaxllm.data.pipeline import to_global
+        return to_global(batch, self.mesh, self.rules, accum)
+
+    def step(self, batch):
+        self.state, m = self.step_fn(self.state, batch, None)
+        return m
+
+    def xla_flops(self, batch) -> float:
+        compiled = self.step_fn.lower(self.state, batch, None).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        # SPMD programs report per-device FLOPs
+        return float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
+
+    def eval_loss(self, batches) -> float:
+        from jaxllm.trainer import evaluate
+        return evaluate(self.eval_fn, self.state, batches)["eval_loss"]
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), "loss_mask": np.ones((batch, seq), np.int32)}
+
+
+def corpus_batches(seq: int, batch: int, n_train: int, n_eval: int):
+    from jaxllm.config import DataConfig, SourceConfig
+    from jaxllm.data.pipeline import build_text_pipeline
+    from jaxllm.data.tokenizer import Tokenizer
+    p = build_text_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
+                            seq, batch, seed=0, eval_batches=n_eval)
+    return [p.train_dataset[i] for i in range(n_train)], p.eval_batches
+
+
+def _mesh_from(args) -> MeshConfig:
+    d, f, t = (int(x) for x in args.mesh.split(","))
+    return MeshConfig(data=d, fsdp=f, tensor=t)
+
+
+# ---- suites -----------------------------------------------------------------------------------
+def suite_train(args):
+    from jaxllm.model import flops_per_token, param_count
+    from jaxllm.monitor import peak_flops_per_device
+    shapes = {"tiny": (TINY_MODEL, 16, 128), "peer-20m": (PEER_MODEL, 8, 256)}
+    if args.model:
+        import yaml
+        with open(args.model) as f:
+            shapes = {os.path.basename(args.model): (yaml.safe_load(f), args.batch, args.seq)}
+    if args.smoke:
+        shapes = {"tiny": (dict(TINY_MODEL, n_layers=1), 8, 32)}
+    rows = []
+    for name, (model_kw, batch, seq) in shapes.items():
+        h = Harness(model_kw, _mesh_from(args), OptimizerConfig(lr=1e-3))
+        b = h.put(random_batch(batch, seq, h.model_cfg.vocab_size), args.accum)
+        xla = h.xla_flops(b)
+        times = timed(lambda: jax.block_until_ready(h.step(b)["loss"]), args.repeats, args.warmup)
+        dt = median(times)
+        tokens = batch * seq
+        fpt = flops_per_token(h.model_cfg, seq)
+        peak = peak_flops_per_device()
+        n = jax.device_count()
+        res = {"step_time_s": dt, "tokens_per_s": tokens / dt, "tokens_per_s_per_device": tokens / dt / n,
+               "params": param_count(h.model_cfg), "flops_per_step_formula": fpt * tokens,
+               "flops_per_step_xla": xla, "formula_over_xla": (fpt * tokens / xla) if xla else None,
+               "mfu": (fpt * tokens / dt / (peak * n)) if peak else None, "times": times}
+        rows.append((name, res))
+        write_record("train", name, {"model": model_kw, "batch": batch, "seq": seq, "mesh": args.mesh,
+                                     "accum": args.accum}, res, args.smoke)
+        print(f"train {name}: {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tok/s, formula/xla flops "
+              f"{res['formula_over_xla'] or 0:.3f}, mfu {res['mfu']}")
+    return rows
+
+
+def suite_data(args):
+    from jaxllm.config import DataConfig, SourceConfig
+    from jaxllm.data.pipeline import build_text_pipeline
+    from jaxllm.data.tokenizer import Tokenizer
+    import time
+    batch, seq, n = (8, 32, 5) if args.smoke else (16, 128, 400)
+    t0 = time.perf_counter()
+    p = build_text_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
+                            seq, batch, seed=0, eval_batches=1)
+    build_s = time.perf_counter() - t0
+    it = p.iterator(num_threads=2, prefetch=8)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    dt = time.perf_counter() - t0
+    res = {"build_s": build_s, "tokens_per_s": n * batch * seq / dt, "batches": n}
+    if not args.smoke:
+        tiny = suite_train(argparse.Namespace(**{**vars(args), "model": None}))[0][1]
+        res["tiny_model_tokens_per_s"] = tiny["tokens_per_s"]
+        res["headroom"] = res["tokens_per_s"] / tiny["tokens_per_s"]
+    write_record("data", "default-corpus", {"batch": batch, "seq": seq}, res, args.smoke)
+    print(f"data: pipeline {res['tokens_per_s']:,.0f} tok/s (build {build_s:.2f}s)"
+          + (f", tiny model consumes {res['tiny_model_tokens_per_s']:,.0f} tok/s" if not args.smoke else ""))
+
+
+def suite_checkpoint(args):
+    import shutil
+    import tempfile
+    import time
+    from jaxllm.checkpoint import Checkpointer
+    model_kw = dict(TINY_MODEL, n_layers=1) if args.smoke else PEER_MODEL
+    batch, seq = (8, 32) if args.smoke else (8, 256)
+    h = Harness(model_kw, _mesh_from(args), OptimizerConfig(lr=1e-3))
+    b = h.put(random_batch(batch, seq, h.model_cfg.vocab_size))
+    jax.block_until_ready(h.step(b)["loss"])
+    tmp = tempfile.mkdtemp()
+    n_steps = 3 if args.smoke else 10
+    try:
+        def state_parts():
+            s = h.state
+            return s.params, {"step": s.step, "rest": s.rest, "opt_state": s.opt_state, "skipped": s.skipped}
+        sync = Checkpointer(os.path.join(tmp, "sync"), keep=100, async_save=False)
+        save_times = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            sync.save(i + 1, *state_parts(), {"next_index": 0}, {})
+            sync.wait()
+            save_times.append(time.perf_counter() - t0)
+        p, ts = state_parts()
+        target_p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), p)
+        target_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), ts)
+        restore_times = timed(lambda: jax.block_until_ready(sync.restore(3, target_p, target_t)["params"]), 3, 0)
+        sync.close()
+
+        def run_steps(save_first: bool, ck):
+            t0 = time.perf_counter()
+            if save_first:
+                ck.save(100, *state_parts(), {"next_index": 0}, {})
+            for _ in range(n_steps):
+                m = h.step(b)
+            jax.block_until_ready(m["loss"])
+            out = time.perf_counter() - t0
+            ck.wait()
+            return out
+        ck = Checkpointer(os.path.join(tmp, "async"), keep=100, async_save=True)
+        base = median([run_steps(False, ck) for _ in range(3)])
+        with_save = run_steps(True, ck)
+        ck.close()
+        size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(tmp, "sync", "3")) for f in fs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"save_s": median(save_times), "restore_s": median(restore_times), "checkpoint_bytes": size,
+           "steps": n_steps, "loop_s_without_save": base, "loop_s_with_async_save": with_save,
+           "async_save_slowdown": with_save / base - 1.0}
+    write_record("checkpoint", "peer-20m" if not args.smoke else "smoke", {"model": model_kw}, res, args.smoke)
+    print(f"checkpoint: save {res['save_s']:.3f}s restore {res['restore_s']:.3f}s ({size / 1e6:.1f} MB), "
+          f"async save slows {n_steps} steps by {res['async_save_slowdown'] * 100:.1f}%")
+
+
+def suite_peer(args):
+    """jaxllm vs PyTorch (eager, torch.compile): same model, data, batch, optimizer, machine."""
+    import time
+    import torch
+    from benchmarks.peer_torch import Llama, make_optimizer
+    model_kw = dict(PEER_MODEL, n_layers=1, vocab_size=2048) if args.smoke else PEER_MODEL
+    batch, seq = (4, 64) if args.smoke else (8, 256)
+    warmup, timed_steps = (1, 2) if args.smoke else (3, args.repeats)
+    opt = OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
+    train_b, eval_b = corpus_batches(seq, batch, warmup + timed_steps, 2 if args.smoke else 8)
+    results = {}
+
+    h = Harness(model_kw, _mesh_from(args), opt)
+    jb = [h.put(b) for b in train_b]
+    jeval = [h.put(b) for b in eval_b]
+    ts = []
+    for i, b in enumerate(jb):
+        t0 = time.perf_counter()
+        jax.block_until_ready(h.step(b)["loss"])
+        ts.append(time.perf_counter() - t0)
+    results["jaxllm"] = {"tokens_per_s": batch * seq / median(ts[warmup:]), "eval_loss": h.eval_loss(jeval),
+                         "times": ts}
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    for mode in ("eager", "compile"):
+        model = Llama(ModelConfig(**model_kw))
+        optim = make_optimizer(model, opt)
+        fwd = torch.compile(model) if mode == "compile" else model
+        ts = []
+        for b in train_b:
+            x, y = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
+            t0 = time.perf_counter()
+            loss = fwd(x, y)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            optim.step()
+            ts.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            losses = []
+            for b in eval_b:
+                logits = model(torch.from_numpy(b["inputs"]).long())
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                        torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
+                m = torch.from_numpy(b["loss_mask"]).reshape(-1).float()
+                losses.append(((nll * m).sum() / m.sum()).item())
+        results[f"torch_{mode}"] = {"tokens_per_s": batch * seq / median(ts[warmup:]),
+                                    "eval_loss": float(np.mean(losses)), "times": ts}
+    results["ratio_vs_eager"] = results["jaxllm"]["tokens_per_s"] / results["torch_eager"]["tokens_per_s"]
+    results["ratio_vs_compile"] = results["jaxllm"]["tokens_per_s"] / results["torch_compile"]["tokens_per_s"]
+    results["torch_version"] = torch.__version__
+    results["steps"] = len(train_b)
+    write_record("peer", "llama-20m", {"model": model_kw, "batch": batch, "seq": seq, "mesh": args.mesh,
+                                       "optimizer": vars(opt)}, results, args.smoke)
+    for k in ("jaxllm", "torch_eager", "torch_compile"):
+        print(f"peer {k}: {results[k]['tokens_per_s']:,.0f} tok/s, eval loss after {len(train_b)} steps "
+              f"{results[k]['eval_loss']:.3f}")
+    print(f"peer ratio: {results['ratio_vs_eager']:.2f}x eager, {results['ratio_vs_compile']:.2f}x torch.compile")
+
+
+def suite_table(args):
+    from benchmarks.table import write_readme
+    print(write_readme(load_records()))
+
+
+SUITES = {"train": suite_train, "data": suite_data, "checkpoint": suite_checkpoint, "peer": suite_peer,
+          "table": suite_table}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    p.add_argument("suite", choices=sorted(SUITES) + ["all"])
+    p.add_argument("--smoke", action="store_true", help="seconds-long version for CI; records nothing")
+    p.add_argument("--devices", type=int, help="simulated CPU devices")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes")
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--model", help="model YAML for the train suite (with --batch/--seq)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.warmup = 2, 1
+    for name in (["train", "data", "checkpoint", "peer"] if args.suite == "all" else [args.suite]):
+        SUITES[name](args)
+
+
+if __name__ == "__main__":
+    main()

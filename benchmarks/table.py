@@ -1,0 +1,85 @@
+"""Rewrites benchmarks/README.md: the methods text below plus one table per suite from results/."""
+
+from __future__ import annotations
+
+import os
+
+HEADER = """# jaxllm benchmarks
+
+All numbers below were measured by `python -m benchmarks.run SUITE` and are generated from the JSON
+records in `results/` by `python -m benchmarks.run table`. Each record names the device, the JAX
+versions and the date; times are medians over repeated steps after warm-up (compilation excluded).
+
+- **FLOPs** per step use the formula in `jaxllm.model.flops_per_token`: 6 x (all parameters except
+  the embedding lookup) + 12 x layers x heads x head_dim x seq_len per token (PaLM accounting, no
+  causal discount). The `formula/XLA` column divides it by XLA's own cost analysis of the compiled
+  step (summed over devices); values near 1 mean the formula counts what the compiler runs.
+- **MFU** = formula FLOPs x tokens/s / (peak bf16 FLOP/s x devices); CPUs have no listed peak, so no MFU.
+- **peer**: jaxllm and a nanoGPT-style PyTorch Llama of the same shape (vocab 32000, d_model 256,
+  4 layers, 4 heads, head_dim 64, SwiGLU 1024, untied, 20.6M params), trained on the same batches of
+  the embedded corpus (batch 8, seq 256, float32, AdamW lr 1e-3, clip 1.0) in one process, one
+  after the other; tokens/s is the median step after 3 warm-up steps, and the held-out loss is
+  measured on the same held-out batches after the same number of steps.
+- **GPU**: no GPU was available to the sessions that produced these records; GPU rows will appear
+  here when measured.
+"""
+
+
+def _fmt(v, digits=0):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def write_readme(records: list[dict]) -> str:
+    lines = [HEADER]
+    by_suite: dict = {}
+    for r in records:
+        by_suite.setdefault(r["suite"], []).append(r)
+    if "train" in by_suite:
+        lines += ["## train", "", "| model | params | batch x seq | mesh (d,f,t) | device | ms/step | tokens/s | "
+                  "tokens/s/device | formula/XLA FLOPs | MFU | date |", "|" + "---|" * 11]
+        for r in by_suite["train"]:
+            c, res = r["config"], r["results"]
+            lines.append(f"| {r['name']} | {res['params'] / 1e6:.1f}M | {c['batch']}x{c['seq']} | {c['mesh']} | "
+                         f"{r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores) | {res['step_time_s'] * 1e3:.1f} | "
+                         f"{_fmt(res['tokens_per_s'])} | {_fmt(res['tokens_per_s_per_device'])} | "
+                         f"{_fmt(res['formula_over_xla'], 3)} | {_fmt(res['mfu'], 3)} | {r['date']} |")
+        lines.append("")
+    if "peer" in by_suite:
+        lines += ["## peer (same model, data and machine, one run)", "",
+                  "| device | jaxllm tok/s | PyTorch eager tok/s | torch.compile tok/s | vs eager | vs compile | "
+                  "held-out loss jaxllm / eager / compile (same steps) | torch | date |", "|" + "---|" * 9]
+        for r in by_suite["peer"]:
+            res = r["results"]
+            lines.append(f"| {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores), mesh {r['config']['mesh']} | "
+                         f"{_fmt(res['jaxllm']['tokens_per_s'])} | {_fmt(res['torch_eager']['tokens_per_s'])} | "
+                         f"{_fmt(res['torch_compile']['tokens_per_s'])} | {res['ratio_vs_eager']:.2f}x | "
+                         f"{res['ratio_vs_compile']:.2f}x | {res['jaxllm']['eval_loss']:.3f} / "
+                         f"{res['torch_eager']['eval_loss']:.3f} / {res['torch_compile']['eval_loss']:.3f} "
+                         f"({res['steps']}) | {res['torch_version']} | {r['date']} |")
+        lines.append("")
+    if "data" in by_suite:
+        lines += ["## data (input pipeline)", "", "| source | batch x seq | pipeline tokens/s | tiny model consumes tokens/s | "
+                  "headroom | build s | device | date |", "|" + "---|" * 8]
+        for r in by_suite["data"]:
+            res, c = r["results"], r["config"]
+            lines.append(f"| {r['name']} | {c['batch']}x{c['seq']} | {_fmt(res['tokens_per_s'])} | "
+                         f"{_fmt(res.get('tiny_model_tokens_per_s'))} | {_fmt(res.get('headroom'), 1)}x | "
+                         f"{res['build_s']:.2f} | {r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
+        lines.append("")
+    if "checkpoint" in by_suite:
+        lines += ["## checkpoint (orbax)", "", "| state | size | save s (sync) | restore s | async save: loop slowdown "
+                  "| device | date |", "|" + "---|" * 7]
+        for r in by_suite["checkpoint"]:
+            res = r["results"]
+            lines.append(f"| {r['name']} params + AdamW state | {res['checkpoint_bytes'] / 1e6:.0f} MB | {res['save_s']:.3f} | "
+                         f"{res['restore_s']:.3f} | {res['async_save_slowdown'] * 100:+.1f}% over {res['steps']} steps | "
+                         f"{r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), "w") as f:
+        f.write(text)
+    return text
