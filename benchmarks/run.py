@@ -23,6 +23,7 @@ def _early_devices(argv):
 _early_devices(sys.argv)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import load_records, median, timed, write_record  # noqa: E402
@@ -273,13 +274,77 @@ def suite_peer(args):
     print(f"peer ratio: {results['ratio_vs_eager']:.2f}x eager, {results['ratio_vs_compile']:.2f}x torch.compile")
 
 
+def _host_copy_bandwidth() -> float:
+    """Bytes/s of a large host memory copy (read + write): the CPU's practical bandwidth roof."""
+    import numpy as np
+    a = np.ones(64 * 2 ** 20 // 8 * 4)  # 256 MB
+    b = np.empty_like(a)
+    times = timed(lambda: np.copyto(b, a), 5, 1)
+    return 2 * a.nbytes / median(times)
+
+
+PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5p": 2.76e12, "TPU v5 lite": 8.19e11}
+
+
+def suite_rollout(args):
+    """KV-cache sampler: prefill and decode tokens/s by batch size, vs full recomputation, and the
+    fraction of the memory-bandwidth roofline reached in decode (weights + KV cache read per step)."""
+    import numpy as np
+    from flax import nnx
+    from jaxllm.config import ModelConfig
+    from jaxllm.inference import _sample
+    from jaxllm.model import Transformer, param_count
+    from jaxllm.sampler import generate_ids
+    shapes = {"tiny": TINY_MODEL, "peer-20m": PEER_MODEL}
+    prompt_len, new, batches = (64, 64, (1, 8, 32))
+    if args.smoke:
+        shapes, prompt_len, new, batches = {"tiny": dict(TINY_MODEL, n_layers=1)}, 8, 4, (2,)
+    dev = jax.devices()[0]
+    peak_bw = next((v for k, v in PEAK_HBM_BYTES_PER_S.items() if k.lower() in dev.device_kind.lower()), None)
+    bw_source = "spec sheet"
+    if peak_bw is None:
+        peak_bw, bw_source = _host_copy_bandwidth(), "measured host copy"
+    for name, kw in shapes.items():
+        cfg = ModelConfig(**{**kw, "max_seq_len": max(kw.get("max_seq_len", 256), prompt_len + new)})
+        model = Transformer(cfg, nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        rows = []
+        for b in batches:
+            prompts = np.random.default_rng(b).integers(4, cfg.vocab_size, (b, prompt_len)).astype(np.int32)
+
+            def run(n):
+                out = generate_ids(graphdef, state, prompts, n, eos_id=-1, stop_on_eos=False)
+                return jax.block_until_ready(out.tokens)
+
+            t_prefill = median(timed(lambda: run(1), args.repeats, args.warmup))
+            t_full = median(timed(lambda: run(new), args.repeats, args.warmup))
+            decode_step = (t_full - t_prefill) / (new - 1)
+            buf = jnp.asarray(np.concatenate([prompts, np.zeros((b, new), np.int32)], 1))
+            naive = lambda: jax.block_until_ready(_sample(graphdef, state, buf, jax.random.key(0), jnp.float32(0), new))
+            t_naive = median(timed(naive, max(2, args.repeats // 3), 1))
+            kv_bytes = 2 * cfg.n_layers * b * (prompt_len + new / 2) * cfg.n_kv_heads * cfg.head_dim * 4
+            step_bytes = param_count(cfg) * 4 + kv_bytes  # every weight and the (average) cache, read once
+            res = {"batch": b, "prefill_tokens_per_s": b * prompt_len / t_prefill,
+                   "decode_tokens_per_s": b / decode_step, "decode_step_ms": decode_step * 1e3,
+                   "generate_tokens_per_s": b * new / t_full, "naive_recompute_tokens_per_s": b * new / t_naive,
+                   "speedup_vs_naive": t_naive / t_full, "decode_bytes_per_step": step_bytes,
+                   "decode_bandwidth_fraction": step_bytes / decode_step / peak_bw}
+            rows.append(res)
+            print(f"rollout {name} batch {b}: prefill {res['prefill_tokens_per_s']:,.0f} tok/s, decode "
+                  f"{res['decode_tokens_per_s']:,.0f} tok/s ({res['decode_bandwidth_fraction']:.1%} of roofline), "
+                  f"{res['speedup_vs_naive']:.1f}x vs recompute")
+        write_record("rollout", name, {"model": kw, "prompt_len": prompt_len, "new_tokens": new,
+                                       "peak_bytes_per_s": peak_bw, "peak_source": bw_source}, {"rows": rows},
+                     args.smoke)
+
+
 def suite_table(args):
     from benchmarks.table import write_readme
     print(write_readme(load_records()))
 
 
 SUITES = {"train": suite_train, "data": suite_data, "checkpoint": suite_checkpoint, "peer": suite_peer,
-          "table": suite_table}
+          "rollout": suite_rollout, "table": suite_table}
 
 
 def main(argv=None):
@@ -297,7 +362,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 2, 1
-    for name in (["train", "data", "checkpoint", "peer"] if args.suite == "all" else [args.suite]):
+    for name in (["train", "data", "checkpoint", "rollout", "peer"] if args.suite == "all" else [args.suite]):
         SUITES[name](args)
 
 

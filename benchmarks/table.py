@@ -70,6 +70,21 @@ def write_readme(records: list[dict]) -> str:
                          f"{_fmt(res.get('tiny_model_tokens_per_s'))} | {_fmt(res.get('headroom'), 1)}x | "
                          f"{res['build_s']:.2f} | {r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
         lines.append("")
+    if "rollout" in by_suite:
+        lines += ["## rollout (KV-cache sampler, greedy, no early stop)", "",
+                  "| model | batch | prompt + new | prefill tok/s | decode tok/s | decode ms/step | "
+                  "roofline fraction (decode) | full recompute tok/s | sampler speedup | device | date |",
+                  "|" + "---|" * 11]
+        for r in by_suite["rollout"]:
+            c = r["config"]
+            for row in r["results"]["rows"]:
+                lines.append(f"| {r['name']} | {row['batch']} | {c['prompt_len']} + {c['new_tokens']} | "
+                             f"{_fmt(row['prefill_tokens_per_s'])} | {_fmt(row['decode_tokens_per_s'])} | "
+                             f"{row['decode_step_ms']:.2f} | {row['decode_bandwidth_fraction']:.1%} of "
+                             f"{c['peak_bytes_per_s'] / 1e9:.0f} GB/s ({c['peak_source']}) | "
+                             f"{_fmt(row['naive_recompute_tokens_per_s'])} | {row['speedup_vs_naive']:.1f}x | "
+                             f"{r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
+        lines.append("")
     if "checkpoint" in by_suite:
         lines += ["## checkpoint (orbax)", "", "| state | size | save s (sync) | restore s | async save: loop slowdown "
                   "| device | date |", "|" + "---|" * 7]

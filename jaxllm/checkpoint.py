@@ -36,7 +36,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only)
-        handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+        # PyTree handlers: they allow restoring a subset (new heads, dropped LM head, LoRA merge).
+        handlers = {"params": ocp.PyTreeCheckpointHandler(), "train_state": ocp.PyTreeCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -48,8 +49,8 @@ class Checkpointer:
 
     def save(self, step: int, params, train_state, data_state: dict, metadata: dict) -> None:
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            train_state=ocp.args.StandardSave(train_state),
+            params=ocp.args.PyTreeSave(params),
+            train_state=ocp.args.PyTreeSave(train_state),
             data=ocp.args.JsonSave(data_state),
             metadata=ocp.args.JsonSave(metadata))
         self.manager.save(step, args=args, force=True)
@@ -60,18 +61,24 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
-    def restore(self, step: int, abstract_params, abstract_train_state=None) -> dict:
-        """Restores params (+ train_state and data if targets given) onto the targets' shardings."""
-        check_shapes(self.param_shapes(step), abstract_params, f"{self.directory}/{step}")
-        items = {"params": ocp.args.StandardRestore(abstract_params),
-                 "metadata": ocp.args.JsonRestore()}
+    def restore(self, step: int, abstract_params, abstract_train_state=None, partial: bool = False,
+                data: bool = True) -> dict:
+        """Restores params (+ train_state and data if targets given) onto the targets' shardings.
+        partial=True restores only the leaves the targets name (the checkpoint may hold more)."""
+        if abstract_params is not None:
+            check_shapes(self.param_shapes(step), abstract_params, f"{self.directory}/{step}")
+        items = {"metadata": ocp.args.JsonRestore()}
+        if abstract_params is not None:
+            items["params"] = _restore_args(abstract_params, partial)
         if abstract_train_state is not None:
-            items["train_state"] = ocp.args.StandardRestore(abstract_train_state)
-            items["data"] = ocp.args.JsonRestore()
+            items["train_state"] = _restore_args(abstract_train_state, partial)
+            if data:
+                items["data"] = ocp.args.JsonRestore()
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
 
     def param_shapes(self, step: int) -> dict:
         meta = self.manager.item_metadata(step)["params"]
+        meta = getattr(meta, "tree", meta)
         return {path: tuple(leaf.shape) for path, leaf in _flatten(meta)}
 
     def wait(self) -> None:
@@ -80,6 +87,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _restore_args(target, partial: bool):
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
 
 
 def _flatten(tree) -> list:
@@ -118,3 +130,24 @@ def open_for_read(path: str) -> tuple["Checkpointer", int]:
     if step is None:
         raise CheckpointError(f"no complete checkpoint under {path}")
     return ckpt, step
+
+
+def lineage(path: str) -> list[tuple[str, Optional[str], Optional[int]]]:
+    """[(checkpoint path, stage, step)] from `path` back through each metadata `parent`; a parent
+    that is not a readable jaxllm checkpoint (moved, deleted, a Hugging Face dir) ends the chain
+    with stage None."""
+    src, step = open_for_read(path)
+    parent, chain, seen = f"{src.directory}/{step}", [], set()
+    src.close()
+    while parent and parent not in seen:
+        seen.add(parent)
+        try:
+            p_src, p_step = open_for_read(parent)
+            meta = p_src.metadata(p_step)
+            p_src.close()
+        except Exception:  # noqa: BLE001 - anything unreadable ends the chain
+            chain.append((parent, None, None))
+            break
+        chain.append((parent, meta.get("stage"), meta.get("step")))
+        parent = meta.get("parent")
+    return chain

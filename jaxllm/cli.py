@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
     g.add_argument("--max-new", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
 
     i = sub.add_parser("info", help="show a checkpoint's metadata and lineage")
@@ -48,6 +50,45 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
     tt.add_argument("--vocab-size", type=int, default=1024)
     tt.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
+
+    mg = sub.add_parser("merge", help="fold LoRA adapters into the base weights")
+    mg.add_argument("ckpt", help="LoRA run output_dir or checkpoint step dir")
+    mg.add_argument("--out", required=True, help="new output_dir for the merged checkpoint")
+
+    cv = sub.add_parser("convert", help="convert between Hugging Face and jaxllm checkpoints")
+    cvs = cv.add_subparsers(dest="convert_command", required=True)
+    h2j = cvs.add_parser("hf-to-jaxllm", help="HF Llama/Mistral/Qwen2 dir -> jaxllm checkpoint (run dir)")
+    h2j.add_argument("--hf-dir", required=True, help="dir with config.json and *.safetensors")
+    h2j.add_argument("--out", required=True, help="new run dir: checkpoints/0, model.yaml, tokenizer.model")
+    h2j.add_argument("--mesh", help="mesh YAML to place params on while converting (default: fsdp over all devices)")
+    h2j.add_argument("--tokenizer", help="SentencePiece .model to record (default: the HF dir's tokenizer.model)")
+    h2j.add_argument("--scan-layers", action="store_true", help="write stacked layers (model.scan_layers=true)")
+    j2h = cvs.add_parser("jaxllm-to-hf", help="jaxllm checkpoint -> HF dir (config.json + model.safetensors)")
+    j2h.add_argument("--ckpt", required=True, help="run output_dir or checkpoint step dir")
+    j2h.add_argument("--out", required=True, help="new HF model dir")
+    j2h.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    j2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="stored weight dtype (default: the model's compute dtype)")
+
+    pl = sub.add_parser("pipeline", help="run a chain of stages from one YAML, with a report")
+    pl.add_argument("config", help="pipeline YAML (e.g. configs/pipelines/default.yaml)")
+    pl.add_argument("--from", dest="from_stage", help="re-run from this stage (older outputs go to _previous/)")
+    pl.add_argument("--no-report", action="store_true")
+    pl.add_argument("overrides", nargs="*", help="pipeline-level key=value overrides")
+
+    lb = sub.add_parser("label", help="RLAIF: sample K completions per prompt and rank them with an AI judge")
+    lb.add_argument("config", help="run config whose data section gives the prompts (records with 'prompt')")
+    lb.add_argument("--policy", required=True, help="policy checkpoint that writes the completions")
+    lb.add_argument("--judge", required=True, help="reward-model checkpoint (--judge-kind rm) or judge LM (lm)")
+    lb.add_argument("--judge-kind", default="rm", choices=["rm", "lm"])
+    lb.add_argument("--out", required=True, help="JSONL file to write (never overwritten)")
+    lb.add_argument("--k", type=int, default=4, help="completions per prompt")
+    lb.add_argument("--n", type=int, default=0, help="label at most this many prompts (0 = all)")
+    lb.add_argument("--max-new", type=int, default=16)
+    lb.add_argument("--temperature", type=float, default=1.0)
+    lb.add_argument("--top-p", type=float, default=1.0)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("overrides", nargs="*")
 
     d = sub.add_parser("data", help="data tools")
     ds = d.add_subparsers(dest="data_command", required=True)
@@ -90,7 +131,8 @@ def cmd_generate(args) -> int:
     from jaxllm.inference import generate, load_model
     model, tok, meta = load_model(args.ckpt)
     prompts = args.prompt or ["The "]
-    for prompt, text in zip(prompts, generate(model, tok, prompts, args.max_new, args.temperature, args.seed)):
+    for prompt, text in zip(prompts, generate(model, tok, prompts, args.max_new, args.temperature, args.seed,
+                                            top_k=args.top_k, top_p=args.top_p)):
         print(f"--- {prompt!r}\n{prompt}{text}")
     return 0
 
@@ -104,17 +146,8 @@ def cmd_info(args) -> int:
     print(f"model: {json.dumps(meta.get('model'))}")
     print(f"tokenizer: {meta.get('tokenizer', {}).get('path')} sha256={meta.get('tokenizer', {}).get('sha256', '')[:12]}")
     print("lineage:")
-    parent, depth, seen = f"{src.directory}/{step}", 0, set()
-    while parent and parent not in seen:
-        seen.add(parent)
-        try:
-            p_src, p_step = ckpt_lib.open_for_read(parent)
-            p_meta = p_src.metadata(p_step)
-        except Exception:  # a parent that was moved or deleted ends the chain
-            print(f"{'  ' * depth}- {parent} (not found)")
-            break
-        print(f"{'  ' * depth}- {parent}  [{p_meta.get('stage')}, step {p_meta.get('step')}]")
-        parent, depth = p_meta.get("parent"), depth + 1
+    for depth, (path, stage, p_step) in enumerate(ckpt_lib.lineage(args.ckpt)):
+        print(f"{'  ' * depth}- {path}  " + (f"[{stage}, step {p_step}]" if stage else "(not found)"))
     src.close()
     return 0
 
@@ -151,8 +184,51 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "data": cmd_data}
+def cmd_pipeline(args) -> int:
+    from jaxllm.pipeline import run_pipeline
+    run_pipeline(args.config, args.overrides, args.from_stage, report=not args.no_report,
+                 log=lambda m: print(m, flush=True))
+    return 0
+
+
+def cmd_label(args) -> int:
+    from jaxllm.config import load_config
+    from jaxllm.data.pipeline import load_splits
+    from jaxllm.label import label
+    cfg = load_config(args.config, args.overrides)
+    records = [r for part in load_splits(cfg.data).train for r in part if isinstance(r, dict) and "prompt" in r]
+    prompts = [r["prompt"] for r in records][: args.n or None]
+    summary = label(args.policy, prompts, args.out, k=args.k, judge=args.judge, judge_kind=args.judge_kind,
+                    max_new=args.max_new, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from jaxllm.merge import merge_checkpoint
+    print(json.dumps(merge_checkpoint(args.ckpt, args.out)))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxllm.interop import hf
+    if args.convert_command == "hf-to-jaxllm":
+        mesh = None
+        if args.mesh:
+            from jaxllm.config import MeshConfig, load_config
+            mesh = load_config(args.mesh, cls=MeshConfig)
+        out = hf.hf_to_checkpoint(args.hf_dir, args.out, mesh, args.tokenizer,
+                                  **({"scan_layers": True} if args.scan_layers else {}))
+    else:
+        out = hf.checkpoint_to_hf(args.ckpt, args.out, args.arch, args.dtype)
+    print(json.dumps(out))
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "train": cmd_train, "generate": cmd_generate, "info": cmd_info, "tokenizer": cmd_tokenizer,
+            "data": cmd_data, "label": cmd_label,
+            "pipeline": cmd_pipeline}
+COMMANDS["convert"] = cmd_convert
 
 if __name__ == "__main__":
     sys.exit(main())

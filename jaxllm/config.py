@@ -196,10 +196,47 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Which parameters train. full: all; partial: all but the frozen groups; lora: adapters only."""
+    mode: Literal["full", "partial", "lora"] = "full"
+    freeze_embeddings: bool = False  # partial: embedding (and tied head)
+    freeze_layers: int = 0  # partial: the lowest N transformer blocks
+    freeze: list[str] = field(default_factory=list)  # partial: regexes on param paths, e.g. "final_norm"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # of q k v o gate up down
+    save_base: bool = True  # lora: also store the frozen base weights in each checkpoint
+
+    def validate(self) -> None:
+        if self.mode == "lora":
+            bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if bad or not self.lora_targets:
+                raise ConfigError(f"finetune.lora_targets={self.lora_targets}: choose from {', '.join(LORA_TARGETS)}")
+            if self.lora_rank < 1 or not 0.0 <= self.lora_dropout < 1.0:
+                raise ConfigError("finetune.lora_rank must be >= 1 and finetune.lora_dropout in [0, 1)")
+        if self.mode != "partial" and (self.freeze_embeddings or self.freeze_layers or self.freeze):
+            raise ConfigError(f"finetune.freeze* options need finetune.mode=partial (mode is {self.mode})")
+        if self.freeze_layers < 0:
+            raise ConfigError("finetune.freeze_layers must be >= 0")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "causal_lm"  # a key of objectives.LOSSES
     z_loss: float = 0.0
     mask_prob: float = 0.15  # masked_lm: fraction of tokens selected
+    margin: float = 0.0  # reward model: Bradley-Terry margin
+    center_coef: float = 0.0  # reward model: weight of the mean(r)^2 centering term
+    beta: float = 0.1  # dpo: inverse temperature
+    label_smoothing: float = 0.0  # dpo: epsilon (conservative DPO)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo
+    precompute_ref: bool = False  # dpo: reference log-probs computed once into the dataset
+    eval_generate: int = 0  # SFT: greedy-generate this many held-out prompts at each eval (exact match)
+    max_new_tokens: int = 16
 
     def validate(self) -> None:
         from jaxllm.objectives import LOSSES  # late import: objectives imports jax
@@ -208,6 +245,70 @@ class ObjectiveConfig:
                               _suggest(self.name, LOSSES) + f" (known: {', '.join(sorted(LOSSES))})")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"objective.mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("objective.beta must be > 0 and objective.label_smoothing in [0, 0.5)")
+
+
+@dataclass
+class RewardConfig:
+    """One reward term. kind=function: `fn` is "module:function" taking (prompt, completion,
+    reference) -> float; kind=model: `path` is a reward-model checkpoint (RM stage output)."""
+    kind: Literal["function", "model"] = "function"
+    fn: str = ""
+    path: str = ""
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.kind == "function":
+            if ":" not in self.fn:
+                raise ConfigError(f"rl.rewards: fn={self.fn!r} must be 'module.path:function', "
+                                  f"e.g. 'jaxllm.rewards:exact_match'")
+            from jaxllm.rewards import load_function  # fail at load, before anything is written
+            load_function(self.fn)
+        if self.kind == "model" and not self.path:
+            raise ConfigError("rl.rewards: kind=model needs path=REWARD_MODEL_RUN_DIR")
+
+
+@dataclass
+class RLConfig:
+    """PPO / GRPO. A rollout is train.batch_size * minibatches sequences (prompts * group_size);
+    each rollout is used for epochs * minibatches optimizer steps (train.steps counts those)."""
+    group_size: int = 1  # G samples per prompt (GRPO: > 1)
+    minibatches: int = 1
+    epochs: int = 1
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rewards: list[RewardConfig] = field(default_factory=list)
+    length_penalty: float = 0.0  # subtracted per generated token
+    no_eos_penalty: float = 0.0  # subtracted when a completion never reached EOS
+    kl_coef: float = 0.05  # PPO: per-token KL penalty in the reward; GRPO: beta of the KL loss term
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_clamp: float = 10.0  # |per-token KL| is clamped to this (0 = off)
+    target_kl: float = 0.0  # PPO: > 0 turns on the adaptive KL controller (Ziegler et al.)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    critic_init: str = ""  # PPO critic's checkpoint (e.g. the RM run); "" = checkpoint.init_from
+    advantage_norm: Literal["std", "mean"] = "std"  # GRPO: "mean" = Dr. GRPO (no std division)
+    loss_agg: Literal["token", "sequence"] = "token"
+    eval_prompts: int = 64  # held-out prompts scored at each eval
+    eval_temperature: float = 0.0
+
+    def validate(self) -> None:
+        _positive(self, "group_size", "minibatches", "epochs", "max_new_tokens")
+        for r in self.rewards:
+            r.validate()
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.temperature < 0:
+            raise ConfigError("rl: need 0 < top_p <= 1, top_k >= 0, temperature >= 0")
+        if self.kl_coef < 0 or self.target_kl < 0:
+            raise ConfigError("rl.kl_coef and rl.target_kl must be >= 0")
 
 
 @dataclass
@@ -223,6 +324,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -234,6 +337,32 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+        if self.objective.name in ("ppo", "grpo"):
+            self._validate_rl()
+
+    def _validate_rl(self) -> None:
+        rl, name = self.rl, self.objective.name
+        if self.data.kind != "prompt":
+            raise ConfigError(f"objective.name={name} reads prompts: set data.kind=prompt")
+        if not rl.rewards:
+            raise ConfigError(f"objective.name={name} needs at least one reward: set rl.rewards")
+        if self.data.max_prompt_len + rl.max_new_tokens > self.train.seq_len:
+            raise ConfigError(f"data.max_prompt_len + rl.max_new_tokens = {self.data.max_prompt_len} + "
+                              f"{rl.max_new_tokens} exceeds train.seq_len={self.train.seq_len}")
+        rollout = self.train.batch_size * rl.minibatches
+        if rollout % rl.group_size:
+            raise ConfigError(f"train.batch_size*rl.minibatches = {rollout} sequences per rollout is not "
+                              f"divisible by rl.group_size={rl.group_size}")
+        if name == "grpo" and rl.group_size < 2:
+            raise ConfigError("objective.name=grpo needs rl.group_size >= 2 (advantages are relative to the group)")
+        per_rollout = rl.epochs * rl.minibatches
+        for key, v in (("train.steps", self.train.steps), ("checkpoint.every", self.checkpoint.every),
+                       ("train.stop_at", self.train.stop_at)):
+            if v % per_rollout:
+                raise ConfigError(f"{key}={v} must be a multiple of rl.epochs*rl.minibatches = {per_rollout} "
+                                  f"(checkpoints and stops fall on rollout boundaries)")
+        if self.train.grad_accum != 1:
+            raise ConfigError("train.grad_accum must be 1 for RL: use rl.minibatches to split a rollout")
 
 
 def _positive(obj, *names: str) -> None:
@@ -254,7 +383,11 @@ def load_config(path: str | None, overrides: list[str] = (), cls=RunConfig) -> A
         key, sep, value = ov.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
+        value = _parse_scalar(value)
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and key.strip() in _SECTION_NAMES:
+            value = _load_yaml_tree(value)  # `model=runs/imported/model.yaml`: a whole section from a file
+            raw.pop(key.strip(), None)
+        _set_dotted(raw, key.strip(), value)
     cfg = from_dict(cls, raw, prefix="")
     cfg.validate()
     return cfg
@@ -289,7 +422,7 @@ def _load_yaml_tree(path: str, _seen: tuple = ()) -> dict:
     return merged
 
 
-_SECTION_NAMES = ("model", "mesh", "data", "optimizer", "checkpoint", "train", "eval", "objective")
+_SECTION_NAMES = ("model", "mesh", "data", "optimizer", "checkpoint", "train", "eval", "objective", "finetune", "rl")
 
 
 def _deep_merge(into: dict, new: dict) -> dict:

@@ -1,7 +1,8 @@
 """Loading a checkpoint into a model, and a simple jitted sampler for eyeballing models.
 
-`generate` recomputes the whole (left-padded) buffer each step: simple and exact, fine for short
-samples. The KV-cache sampler used for RL rollouts lives in sampler.py.
+`generate` / `sample_ids` use the KV-cache sampler (sampler.py). `_sample` recomputes the whole
+left-padded buffer every step: the slow, obviously-correct reference the sampler is tested and
+benchmarked against.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ def load_model(path: str, mesh=None, tokenizer: str = ""):
     src, step = ckpt_lib.open_for_read(path)
     meta = src.metadata(step)
     model_cfg = from_dict(ModelConfig, meta["model"], "model.")
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    actor_critic = meta.get("objective") == "ppo"  # PPO checkpoints hold actor + critic
+    if actor_critic:
+        from jaxllm.rl import ActorCritic
+        abstract = nnx.eval_shape(lambda: ActorCritic(model_cfg, nnx.Rngs(0)))
+    else:
+        abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
@@ -35,7 +41,8 @@ def load_model(path: str, mesh=None, tokenizer: str = ""):
     src.close()
     tok_path = tokenizer or (meta.get("tokenizer") or {}).get("path", "")
     tok = Tokenizer(tok_path)
-    return nnx.merge(graphdef, params, abs_rest), tok, meta
+    model = nnx.merge(graphdef, params, abs_rest)
+    return (model.actor if actor_critic else model), tok, meta
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int) -> np.ndarray:
@@ -47,7 +54,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> np.ndarray:
 
 
 @jax.jit(static_argnames=("max_new",))
-def _sample(graphdef, state, buf, rng, temperature, max_new: int):
+def _sample(graphdef, state, buf, rng, temperature, max_new: int, stop_id=EOS_ID):
     model = nnx.merge(graphdef, state)
     B, L = buf.shape
     start = L - max_new
@@ -63,25 +70,26 @@ def _sample(graphdef, state, buf, rng, temperature, max_new: int):
         nxt = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
         nxt = jnp.where(done, PAD_ID, nxt)
         buf = buf.at[:, t].set(nxt)
-        return buf, done | (nxt == EOS_ID), rng
+        return buf, done | (nxt == EOS_ID) | (nxt == stop_id), rng
 
     buf, _, _ = jax.lax.fori_loop(start, L, body, (buf, jnp.zeros((B,), bool), rng))
     return buf[:, start:]
 
 
+def sample_ids(model, prompts: Sequence[Sequence[int]], max_new: int, temperature: float = 0.0, seed: int = 0,
+               stop_id: int = EOS_ID, top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
+    """Token-id prompts -> generated ids (KV-cache sampler), cut before the first stop/EOS token."""
+    from jaxllm.sampler import cut_at_stop, generate_ids, pad_prompts
+    graphdef, state = nnx.split(model)
+    out = generate_ids(graphdef, state, pad_prompts(prompts), max_new, rng=jax.random.key(seed),
+                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=stop_id)
+    return [cut_at_stop(row, (stop_id, EOS_ID)) for row in np.asarray(out.tokens).tolist()]
+
+
 def generate(model, tok: Tokenizer, prompts: Sequence[str], max_new: int = 64, temperature: float = 0.0,
-             seed: int = 0, bos: bool = True) -> list[str]:
+             seed: int = 0, bos: bool = True, top_k: int = 0, top_p: float = 1.0) -> list[str]:
     ids = [tok.encode(p, bos=bos) for p in prompts]
     width = max(len(x) for x in ids)
     if width + max_new > model.cfg.max_seq_len:
         max_new = max(1, model.cfg.max_seq_len - width)
-    buf = np.concatenate([left_pad(ids, width), np.full((len(ids), max_new), PAD_ID, np.int32)], axis=1)
-    graphdef, state = nnx.split(model)
-    out = _sample(graphdef, state, jnp.asarray(buf), jax.random.key(seed), jnp.float32(temperature), max_new)
-    texts = []
-    for row in np.asarray(out):
-        row = list(row)
-        if EOS_ID in row:
-            row = row[:row.index(EOS_ID)]
-        texts.append(tok.decode(row))
-    return texts
+    return [tok.decode(o) for o in sample_ids(model, ids, max_new, temperature, seed, EOS_ID, top_k, top_p)]

@@ -9,6 +9,8 @@ attention; the caller picks with `causal=`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Optional
 
@@ -42,6 +44,55 @@ def dense(x, w, n_contract: int = 1):
     k = math.prod(k_shape)
     y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
     return y.reshape(*lead, *out_shape)
+
+
+# ---- LoRA -----------------------------------------------------------------------------------
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("jaxllm_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def use_dropout_rng(key):
+    """Training steps set a key so LoRA dropout is active; evaluation and sampling do not."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+class LoRA(nnx.Module):
+    """Low-rank update for a weight contracting `in_shape` into `out_shape`: x -> (x A) B * alpha/r.
+    B starts at zero, so the adapted model starts equal to the base model."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, rank: int, alpha: float, dropout: float,
+                 uid: int, rngs: nnx.Rngs, param_dtype):
+        std = 1.0 / math.sqrt(math.prod(in_shape))
+        self.a = nnx.LoRAParam(nnx.initializers.normal(std)(rngs.params(), (*in_shape, rank), param_dtype),
+                               out_sharding=(*in_axes, "lora_rank"), eager_sharding=False)
+        self.b = nnx.LoRAParam(jnp.zeros((rank, *out_shape), param_dtype), out_sharding=("lora_rank", *out_axes),
+                               eager_sharding=False)
+        self.scale, self.dropout, self.n_in, self.uid = alpha / rank, dropout, len(in_shape), uid
+
+    def __call__(self, x):
+        key = _DROPOUT_KEY.get()
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.uid), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        return dense(dense(x, self.a[...].astype(x.dtype), self.n_in), self.b[...].astype(x.dtype)) * self.scale
+
+
+def _add_lora(module, name: str, lora, in_shape, out_shape, in_axes, out_axes, rngs, param_dtype):
+    if lora is not None and lora.mode == "lora" and name in lora.lora_targets:
+        uid = hash(name) % 1000
+        setattr(module, f"{name}_lora", LoRA(in_shape, out_shape, in_axes, out_axes, lora.lora_rank,
+                                             lora.lora_alpha, lora.lora_dropout, uid, rngs, param_dtype))
+
+
+def _project(module, name: str, x, n_contract: int = 1):
+    """x through weight `name` (+ its LoRA adapter if present)."""
+    y = dense(x, getattr(module, name)[...].astype(module.dtype), n_contract)
+    adapter = getattr(module, f"{name}_lora", None)
+    return y if adapter is None else y + adapter(x).astype(y.dtype)
 
 
 # ---- building blocks ----------------------------------------------------------------------
@@ -119,7 +170,7 @@ def dot_product_attention(q, k, v, mask, impl: str = "xla"):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
         D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pd = _dtype(cfg.param_dtype)
         w = nnx.initializers.normal(cfg.init_std)
@@ -136,27 +187,36 @@ class Attention(nnx.Module):
         self.qkv_bias = cfg.qkv_bias
         self.impl = cfg.attention_impl
         self.dtype = _dtype(cfg.dtype)
+        for name, heads, axis in (("q", H, "heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads")):
+            _add_lora(self, name, lora, (D,), (heads, Dh), ("embed",), (axis, "head_dim"), rngs, pd)
+        _add_lora(self, "o", lora, (H, Dh), (D,), ("heads", "head_dim"), ("embed",), rngs, pd)
 
     def project_qkv(self, x):
         dt = self.dtype
-        q = dense(x, self.q[...].astype(dt))  # [B, T, H, Dh]
-        k = dense(x, self.k[...].astype(dt))  # [B, T, K, Dh]
-        v = dense(x, self.v[...].astype(dt))
+        q = _project(self, "q", x)  # [B, T, H, Dh]
+        k = _project(self, "k", x)  # [B, T, K, Dh]
+        v = _project(self, "v", x)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         return q, k, v
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None):
-        """x: [B, T, D]. kv: optional (k, v) already including this step (decoding)."""
+    def __call__(self, x, positions, inv_freq, mask, cache=None, index=None):
+        """x: [B, T, D] -> ([B, T, D], cache). With a KV cache ((k, v), each [B, S, K, Dh]) this
+        chunk's keys/values are written at slot `index` and the queries attend over the cache."""
         q, k, v = self.project_qkv(x)
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "act_len", "act_heads", None))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "act_len", "act_kv_heads", None))
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = dot_product_attention(q, k, v, mask, self.impl)  # [B, T, H, Dh]
-        return dense(out, self.o[...].astype(self.dtype), 2)  # [B, T, D]
+        return _project(self, "o", out, 2), cache  # [B, T, D]
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
         D, F = cfg.d_model, cfg.mlp_dim
         pd = _dtype(cfg.param_dtype)
         w = nnx.initializers.normal(cfg.init_std)
@@ -165,26 +225,30 @@ class MLP(nnx.Module):
         self.up = _param(rngs, w, (D, F), ("embed", "mlp"), pd)
         self.down = _param(rngs, w_out, (F, D), ("mlp", "embed"), pd)
         self.dtype = _dtype(cfg.dtype)
+        _add_lora(self, "gate", lora, (D,), (F,), ("embed",), ("mlp",), rngs, pd)
+        _add_lora(self, "up", lora, (D,), (F,), ("embed",), ("mlp",), rngs, pd)
+        _add_lora(self, "down", lora, (F,), (D,), ("mlp",), ("embed",), rngs, pd)
 
     def __call__(self, x):  # [B, T, D]
         dt = self.dtype
-        h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
+        h = jax.nn.silu(_project(self, "gate", x)) * _project(self, "up", x)
         h = constrain(h, ("batch", "act_len", "act_mlp"))  # [B, T, F]
-        return dense(h, self.down[...].astype(dt))
+        return _project(self, "down", h)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
         pd = _dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, lora)
 
-    def __call__(self, x, positions, inv_freq, mask):
-        x = x + self.attn(self.attn_norm(x), positions, inv_freq, mask)
+    def __call__(self, x, positions, inv_freq, mask, cache=None, index=None):
+        a, cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, cache, index)
+        x = x + a
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "act_len", "act_embed"))
+        return constrain(x, ("batch", "act_len", "act_embed")), cache
 
 
 def _remat_policy(name: str):
@@ -196,7 +260,8 @@ def _remat_policy(name: str):
 class Transformer(nnx.Module):
     """Decoder-only LM. `hidden()` gives final-norm states for heads (reward, value)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
+        """lora: a FinetuneConfig with mode=lora adds adapters to its lora_targets."""
         self.cfg = cfg
         pd = _dtype(cfg.param_dtype)
         self.embed = _param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
@@ -205,10 +270,10 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked(r):
-                return Block(cfg, r)
+                return Block(cfg, r, lora)
             self.blocks = stacked(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, lora) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
@@ -216,33 +281,50 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens, positions=None, segment_ids=None, causal: bool = True):
         """tokens: [B, T] int -> [B, T, D] after the final norm."""
+        return self.hidden_cached(tokens, positions, segment_ids, causal)[0]
+
+    def hidden_cached(self, tokens, positions=None, segment_ids=None, causal: bool = True, cache=None,
+                      cache_index=None, kv_segments=None):
+        """-> ([B, T, D], cache). Without a cache: the plain training forward. With one (see
+        sampler.init_cache: per-layer (k, v) [B, S, K, Dh], stacked [L, ...] when scanning), the T
+        tokens sit at cache slots cache_index.., and kv_segments [B, S] marks real slots."""
         cfg = self.cfg
         B, T = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = attention_mask(segment_ids, segment_ids, causal)
+        if cache is None:
+            mask = attention_mask(segment_ids, segment_ids, causal)
+        else:
+            mask = attention_mask(segment_ids, kv_segments, causal, q_offset=cache_index)
         inv_freq = rope_inv_freq(cfg)
         x = self.embed[...].astype(_dtype(cfg.dtype))[tokens]  # [B, T, D]
         x = constrain(x, ("batch", "act_len", "act_embed"))
         policy = _remat_policy(cfg.remat)
 
-        def run_block(graphdef, state, h):
-            def apply(st, h):
-                return nnx.merge(graphdef, st)(h, positions, inv_freq, mask)
-            if cfg.remat != "none":
+        def run_block(graphdef, state, h, layer_cache):
+            def apply(st, h, c):
+                return nnx.merge(graphdef, st)(h, positions, inv_freq, mask, c, cache_index)
+            if cfg.remat != "none" and layer_cache is None:
                 apply = jax.checkpoint(apply, policy=policy)
-            return apply(state, h)
+            return apply(state, h, layer_cache)
 
         if cfg.scan_layers:
             graphdef, stacked_state = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(lambda h, st: (run_block(graphdef, st, h), None), x, stacked_state)
+            if cache is None:
+                x, _ = jax.lax.scan(lambda h, st: (run_block(graphdef, st, h, None)[0], None), x, stacked_state)
+            else:
+                x, cache = jax.lax.scan(lambda h, xs: run_block(graphdef, xs[0], h, xs[1]), x,
+                                        (stacked_state, cache))
         else:
-            for block in self.blocks:
+            new_cache = []
+            for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
-                x = run_block(graphdef, state, x)
-        return self.final_norm(x)
+                x, c = run_block(graphdef, state, x, None if cache is None else cache[i])
+                new_cache.append(c)
+            cache = None if cache is None else new_cache
+        return self.final_norm(x), cache
 
     def logits(self, h):
         """h: [B, T, D] -> float32 logits [B, T, V]."""
@@ -253,6 +335,33 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):
         return self.logits(self.hidden(tokens, positions, segment_ids, causal))
+
+
+class ScalarHeadModel(Transformer):
+    """The decoder with a scalar head instead of the LM head: reward models and PPO critics.
+    Trunk parameter paths equal Transformer's, so an SFT checkpoint initialises the trunk."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
+        super().__init__(cfg, rngs, lora)
+        if hasattr(self, "lm_head"):
+            del self.lm_head
+        pd = _dtype(cfg.param_dtype)
+        self.score = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(cfg.d_model)), (cfg.d_model,),
+                            ("embed",), pd)
+        self.score_bias = nnx.Param(jnp.zeros((), pd), out_sharding=(), eager_sharding=False)
+
+    def scores(self, tokens, positions=None, segment_ids=None):
+        """[B, T] float32 score at every position."""
+        h = self.hidden(tokens, positions, segment_ids, causal=True).astype(jnp.float32)
+        return h @ self.score[...].astype(jnp.float32) + self.score_bias[...].astype(jnp.float32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):
+        return self.scores(tokens, positions, segment_ids)
+
+
+def last_token_index(segment_ids):
+    """[B, T] segment ids (0 = pad, right-padded) -> [B] index of the last real token."""
+    return jnp.maximum(jnp.sum(segment_ids != 0, axis=-1) - 1, 0)
 
 
 # ---- accounting ---------------------------------------------------------------------------

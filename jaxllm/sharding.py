@@ -197,7 +197,7 @@ def use_mesh_rules(mesh: Mesh, rules: dict):
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     active = _ACTIVE.get()
-    if active is None:
+    if active is None or active[0] is None:
         return x
     mesh, rules = active
     spec = spec_for(names, rules, x.shape, mesh, what="activation")

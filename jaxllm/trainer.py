@@ -24,12 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxllm import checkpoint as ckpt_lib
 from jaxllm.config import RunConfig, to_dict
 from jaxllm.errors import CheckpointError, ConfigError, TrainingHalted
-from jaxllm.model import Transformer, flops_per_token
+from jaxllm.model import flops_per_token, use_dropout_rng
 from jaxllm.monitor import MetricsLogger, Progress, peak_flops_per_device
 from jaxllm.objectives import LOSSES, LossContext
 from jaxllm.optim import make_optimizer, schedule
-from jaxllm.sharding import (data_parallel_size, make_mesh, make_rules, match_shardings,
+from jaxllm.sharding import (data_parallel_size, make_mesh, make_rules, match_shardings, path_str,
                              state_shardings, use_mesh_rules)
+from jaxllm.stages import Stage, build_stage
 
 VERSION = "0.1.0"
 
@@ -45,10 +46,6 @@ class TrainState:
 
 
 # ---- model and state construction -----------------------------------------------------------
-def trainable_filter(cfg: RunConfig):
-    return nnx.Param
-
-
 def abstract_model(make_model: Callable[[nnx.Rngs], nnx.Module], trainable):
     """(graphdef, abstract trainable state, abstract rest) without allocating any weights."""
     model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
@@ -85,7 +82,8 @@ def make_train_step(graphdef, loss_fn, obj_cfg, optimizer, lr_fn, *, seed: int, 
                     extras: dict, mesh, rules, state_shardings: TrainState):
     def micro_loss(params, rest, batch, rng, frozen):
         model = nnx.merge(graphdef, params, rest)
-        out = loss_fn(model, batch, LossContext(rng=rng, cfg=obj_cfg, frozen=frozen, extras=extras))
+        with use_dropout_rng(jax.random.fold_in(rng, 1)):
+            out = loss_fn(model, batch, LossContext(rng=rng, cfg=obj_cfg, frozen=frozen, extras=extras))
         return out.loss_sum, out
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -148,32 +146,27 @@ def evaluate(eval_step, state: TrainState, batches: list, frozen=None) -> dict:
 
 
 # ---- the run -------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Stage:
-    """What a stage plugs into the loop: model builder, loss, data, extras, frozen inputs."""
-    make_model: Callable[[nnx.Rngs], nnx.Module]
-    loss_fn: Callable
-    pipeline: Any
-    tokenizer: Any
-    extras: dict = dataclasses.field(default_factory=dict)
-    frozen: Any = None
+def precompute_reference_logps(graphdef, reference, pipeline, mesh, rules, chunk: int = 64) -> None:
+    """DPO speed option: reference log-probs of every (chosen, rejected) pair computed once and
+    stored in the examples (`ref_logps` [K]), so the train step runs no reference forward pass."""
+    from jaxllm.objectives import _flat_k, policy_logps
 
+    @jax.jit
+    def logps(batch):
+        with use_mesh_rules(mesh, rules):
+            flat, B, K = _flat_k(batch)
+            return policy_logps(nnx.merge(graphdef, reference), flat).reshape(B, K)
 
-def build_stage(cfg: RunConfig, process_index: int = 0, process_count: int = 1) -> Stage:
-    from jaxllm.data.pipeline import build_text_pipeline
-    from jaxllm.data.tokenizer import Tokenizer
-
-    tok = Tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size="
-                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
-    if cfg.data.kind != "text":
-        raise ConfigError(f"data.kind={cfg.data.kind!r} is not supported by objective "
-                          f"{cfg.objective.name!r}; use data.kind=text")
-    pipeline = build_text_pipeline(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                                   cfg.eval.batches, process_index, process_count)
-    return Stage(make_model=lambda rngs: Transformer(cfg.model, rngs), loss_fn=LOSSES[cfg.objective.name],
-                 pipeline=pipeline, tokenizer=tok, extras={"mask_id": tok.mask_id})
+    def fill(examples):
+        for i in range(0, len(examples), chunk):
+            part = examples[i:i + chunk]
+            stacked = {k: jnp.asarray(np.stack([e[k] for e in part])) for k in part[0] if k != "ref_logps"}
+            for e, r in zip(part, np.asarray(logps(stacked))):
+                e["ref_logps"] = r  # the grain sources hold these same dicts
+    for examples in pipeline.examples:
+        fill(examples)
+    for b in pipeline.eval_batches:
+        b["ref_logps"] = np.asarray(logps({k: jnp.asarray(v) for k, v in b.items() if k != "ref_logps"}))
 
 
 def check_batch(cfg: RunConfig, mesh) -> None:
@@ -207,16 +200,16 @@ def check_tokenizer(meta: dict, tok, where: str) -> None:
 class Trainer:
     """Wires config -> mesh -> stage -> state -> loop. One instance per run."""
 
-    def __init__(self, cfg: RunConfig, stage_builder: Callable = build_stage):
+    def __init__(self, cfg: RunConfig, stage_builder: Optional[Callable] = None):
         self.cfg = cfg
         self.pid, self.nproc = jax.process_index(), jax.process_count()
         self.mesh = make_mesh(cfg.mesh)
         self.rules = make_rules(cfg.mesh.rules)
         check_batch(cfg, self.mesh)
-        self.stage = stage_builder(cfg, self.pid, self.nproc)
+        self.stage = (stage_builder or build_stage)(cfg, self.pid, self.nproc)
         self.optimizer = make_optimizer(cfg.optimizer, cfg.train.steps)
         self.lr_fn = schedule(cfg.optimizer, cfg.train.steps)
-        trainable = trainable_filter(cfg)
+        trainable = self.stage.trainable
         self.graphdef, abs_params, abs_rest = abstract_model(self.stage.make_model, trainable)
         self.shardings = state_shardings_for(abs_params, abs_rest, self.optimizer, self.mesh, self.rules)
         self._abs_params, self._abs_rest, self._trainable = abs_params, abs_rest, trainable
@@ -241,17 +234,25 @@ class Trainer:
                 abs_state = self._abstract_state()
                 train_target = {"step": abs_state.step, "rest": abs_state.rest,
                                 "opt_state": abs_state.opt_state, "skipped": abs_state.skipped}
+                base_saved = not (cfg.finetune.mode == "lora" and not cfg.finetune.save_base)
+                if not base_saved:
+                    del train_target["rest"]
                 out = existing.restore(step, abs_state.params, train_target)
                 ts = out["train_state"]
-                state = TrainState(step=ts["step"], params=out["params"], rest=ts["rest"],
+                rest = ts["rest"] if base_saved else self.fresh_state()[0].rest
+                state = TrainState(step=ts["step"], params=out["params"], rest=rest,
                                    opt_state=ts["opt_state"], skipped=ts["skipped"])
                 existing.close()
                 return state, out["data"], meta.get("parent")
-        state = init_state(self.stage.make_model, self._trainable, self.optimizer, self.shardings, cfg.seed)
-        parent = None
-        if cfg.checkpoint.init_from:
-            state, parent = self._init_from(state)
+        state, parent = self.fresh_state()
         return state, None, parent
+
+    def fresh_state(self) -> tuple[TrainState, Optional[str]]:
+        """Initialised state, with the init_from checkpoint's weights loaded if one is named."""
+        state = init_state(self.stage.make_model, self._trainable, self.optimizer, self.shardings, self.cfg.seed)
+        if self.cfg.checkpoint.init_from:
+            return self._init_from(state)
+        return state, None
 
     def _init_from(self, state: TrainState):
         cfg = self.cfg
@@ -266,16 +267,78 @@ class Trainer:
             ts = out["train_state"]
             state = TrainState(step=jnp.zeros((), jnp.int32), params=out["params"], rest=ts["rest"],
                                opt_state=ts["opt_state"], skipped=jnp.zeros((), jnp.int32))
-        else:
-            out = src.restore(step, abs_state.params)
-            state = dataclasses.replace(state, params=out["params"])
+            src.close()
+            return state, f"{src.directory}/{step}"
+        parent = f"{src.directory}/{step}"
         src.close()
-        return state, f"{src.directory}/{step}"
+        for prefix, where in self.stage.spec.init_sources:
+            path = cfg.checkpoint.init_from if where == "init_from" else (getattr(cfg.rl, where) or
+                                                                          cfg.checkpoint.init_from)
+            src, step = ckpt_lib.open_for_read(path)
+            check_tokenizer(src.metadata(step), self.stage.tokenizer, path)
+            state = self._load_base_weights(src, step, state, prefix)
+            src.close()
+        return state, parent
+
+    def _load_base_weights(self, src, step: int, state: TrainState, prefix: str = "") -> TrainState:
+        """Parent params -> every non-LoRA param of this model under `prefix` (the parent's names
+        lack the prefix), wherever it lives (trained or frozen). Params new to this stage (a reward
+        head) keep their init; extra parent params are ignored."""
+        saved = src.param_shapes(step)
+        head = tuple(prefix.strip("/").split("/")) if prefix else ()
+        target = {}
+        for part, shard in (("params", self.shardings.params), ("rest", self.shardings.rest)):
+            abs_part = abstract_like(shard, getattr(state, part))
+            for path, var in nnx.to_flat_state(abs_part):
+                if isinstance(var, nnx.LoRAParam) or not isinstance(var, nnx.Param) or path[:len(head)] != head:
+                    continue
+                inner = tuple(path[len(head):])
+                if path_str(inner) not in saved:
+                    if not path_str(path).startswith(self.stage.spec.new_params or ("\0",)):
+                        raise CheckpointError(f"checkpoint {src.directory}/{step} has no tensor {path_str(inner)!r}; "
+                                              f"it was written by a different model architecture")
+                    continue
+                target[inner] = var
+        restored = src.restore(step, nnx.from_flat_state(target), partial=True)["params"]
+        values = {head + tuple(p): v for p, v in nnx.to_flat_state(restored)}
+
+        def overlay(part):
+            return nnx.from_flat_state([(p, values.get(p, v)) for p, v in nnx.to_flat_state(part)])
+        return dataclasses.replace(state, params=overlay(state.params), rest=overlay(state.rest))
+
+    def reference(self, state: TrainState, resumed: bool):
+        """Frozen copy of the stage's starting weights (e.g. the SFT policy for DPO)."""
+        if not self.stage.spec.needs_reference:
+            return None
+        src = self.fresh_state()[0] if resumed else state
+        full = nnx.merge_state(src.params, src.rest)
+        if self.stage.spec.reference_prefix:
+            full = full[self.stage.spec.reference_prefix]
+        return {"reference": jax.tree.map(jnp.copy, full)}
+
+    def _experience(self, data_state, frozen):
+        """On-policy batches (PPO/GRPO): the rollout iterator, and held-out reward as extra eval."""
+        from jaxllm.rewards import Rewards
+        from jaxllm.rl import ExperienceIterator, RLContext, rl_eval
+        stage = self.stage
+        abstract = nnx.eval_shape(lambda: stage.make_model(nnx.Rngs(0)))
+        policy = getattr(abstract, stage.spec.reference_prefix) if stage.spec.reference_prefix else abstract
+        ctx = RLContext(cfg=self.cfg, graphdef=nnx.graphdef(abstract), reference=frozen["reference"],
+                        ref_graphdef=nnx.graphdef(policy), mesh=self.mesh, rules=self.rules,
+                        tokenizer=stage.tokenizer, rewards=Rewards(self.cfg.rl, self.mesh, self.rules, stage.tokenizer),
+                        actor_critic=stage.spec.model == "actor_critic")
+        stage.extra_eval = lambda graphdef, state: rl_eval(ctx, ctx.graphdef, state, stage.eval_records)
+        prompts = stage.pipeline.iterator(None, self.cfg.data.num_threads, self.cfg.data.prefetch)
+        return ExperienceIterator(ctx, prompts, data_state)
 
     # -- the loop --
     def run(self) -> dict:
         cfg, stage = self.cfg, self.stage
         state, data_state, parent = self.initial_state()
+        frozen = self.reference(state, resumed=data_state is not None)
+        if frozen is not None and cfg.objective.precompute_ref:
+            precompute_reference_logps(self.graphdef, frozen["reference"], stage.pipeline, self.mesh, self.rules)
+            frozen = None  # the batches carry ref_logps; no reference model in the step
         start = int(jax.device_get(state.step))
         stop_at = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
         is_main = self.pid == 0
@@ -293,7 +356,12 @@ class Trainer:
                                    self.rules, cfg.seed)
         from jaxllm.data.pipeline import to_global
         eval_batches = [to_global(b, self.mesh, self.rules) for b in stage.pipeline.eval_batches]
-        it = stage.pipeline.iterator(data_state, cfg.data.num_threads, cfg.data.prefetch)
+        on_policy = stage.spec.on_policy
+        if on_policy:  # batches are rollouts of the current policy; the reference serves the rollouts
+            it = self._experience(data_state, frozen)
+            frozen = None
+        else:
+            it = stage.pipeline.iterator(data_state, cfg.data.num_threads, cfg.data.prefetch)
         progress = Progress(cfg.train.steps, start, cfg.train.progress and is_main)
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         fpt = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -305,28 +373,35 @@ class Trainer:
             meta = run_metadata(cfg, stage, step_done, parent)
             train_part = {"step": state.step, "rest": state.rest, "opt_state": state.opt_state,
                           "skipped": state.skipped}
+            if cfg.finetune.mode == "lora" and not cfg.finetune.save_base:
+                del train_part["rest"]  # adapters + optimizer only; the base comes from init_from
             self.ckpt.save(step_done, state.params, train_part, it.get_state(), meta)
 
         def do_eval(step_done: int):
-            if not eval_batches:
+            m = evaluate(eval_step, state, eval_batches, frozen) if eval_batches else {}
+            if stage.extra_eval is not None:
+                m.update(stage.extra_eval(self.graphdef, state))
+            if not m:
                 return {}
-            m = evaluate(eval_step, state, eval_batches, stage.frozen)
             logger.log(step_done, m)
             progress.write(f"step {step_done}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))
             return m
 
-        if start == 0 and eval_batches and cfg.eval.every:
+        if start == 0 and (eval_batches or stage.extra_eval) and cfg.eval.every:
             last.update(do_eval(0))
         pending = None  # (step_done, metrics on device, wall time at dispatch)
         t_prev = time.perf_counter()
         try:
             for step in range(start, stop_at):
-                batch = to_global(next(it), self.mesh, self.rules, cfg.train.grad_accum)
-                state, metrics = train_step(state, batch, stage.frozen)
+                if on_policy:
+                    batch = it.next_for(state)
+                else:
+                    batch = to_global(next(it), self.mesh, self.rules, cfg.train.grad_accum)
+                state, metrics = train_step(state, batch, frozen)
                 if pending is not None:
                     t_prev = self._report(pending, logger, progress, last, t_prev, tokens_per_step, fpt,
                                           peak, n_dev)
-                pending = (step + 1, metrics)
+                pending = (step + 1, metrics, it.pop_metrics() if on_policy else {})
                 done = step + 1
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < stop_at:
                     save(done)
@@ -347,7 +422,7 @@ class Trainer:
         return {"step": int(jax.device_get(state.step)), **last}
 
     def _report(self, pending, logger, progress, last, t_prev, tokens_per_step, fpt, peak, n_dev):
-        step_done, metrics = pending
+        step_done, metrics, host_metrics = pending
         m = jax.device_get(metrics)  # waits for that step only; the next one is already queued
         now = time.perf_counter()
         if not bool(m["finite"]):
@@ -362,8 +437,9 @@ class Trainer:
         m["step_time_s"] = dt
         if peak:
             m["mfu"] = fpt * m["tokens_per_s"] / (peak * n_dev)
+        m.update(host_metrics)
         last.update({"loss": m["loss"]})
-        if step_done % self.cfg.train.log_every == 0 or step_done == 1:
+        if step_done % self.cfg.train.log_every == 0 or step_done == 1 or host_metrics:
             logger.log(step_done, m)
         progress.update(1, f"loss={m['loss']:.3f} tok/s={m['tokens_per_s']:.0f}")
         return now

@@ -22,3 +22,36 @@ def tiny_config(tmp_path, *overrides, base="configs/runs/pretrain_tiny.yaml") ->
 @pytest.fixture
 def tiny(tmp_path):
     return lambda *ov, **kw: tiny_config(tmp_path, *ov, **kw)
+
+
+# ---- one shared chain of stages (session-scoped: post-training, RL and HF tests start from it) ----
+def stage_config(tmp, name, *overrides) -> RunConfig:
+    return tiny_config(tmp, *overrides, base=f"configs/runs/{name}.yaml")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    from jaxllm.trainer import Trainer
+    cfg = tiny_config(tmp_path_factory.mktemp("pre"), "train.steps=150", "eval.every=0", "checkpoint.every=0")
+    Trainer(cfg).run()
+    return cfg.output_dir
+
+
+@pytest.fixture(scope="session")
+def sft(pretrained, tmp_path_factory):
+    from jaxllm.trainer import Trainer
+    cfg = stage_config(tmp_path_factory.mktemp("sft"), "sft_tiny", f"checkpoint.init_from={pretrained}",
+                       "train.steps=400", "eval.every=400", "objective.eval_generate=100", "checkpoint.every=0")
+    Trainer(cfg).run()
+    return cfg.output_dir
+
+
+@pytest.fixture(scope="session")
+def reward_model(sft, tmp_path_factory):
+    """(output_dir, Trainer) of a 200-step Bradley-Terry RM from the SFT model."""
+    from jaxllm.trainer import Trainer
+    cfg = stage_config(tmp_path_factory.mktemp("rm"), "rm_tiny", f"checkpoint.init_from={sft}", "train.steps=200",
+                       "eval.every=200", "checkpoint.every=0")
+    t = Trainer(cfg)
+    t.run()
+    return cfg.output_dir, t

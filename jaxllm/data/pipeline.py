@@ -122,6 +122,7 @@ class Pipeline:
     eval_batches: list  # list of per-process batch dicts (numpy)
     report: Report
     stats: dict
+    examples: list = dataclasses.field(default_factory=list)  # structured kinds: per-source example dicts
     _iter: Any = None
 
     def iterator(self, state: Optional[dict] = None, num_threads: int = 2, prefetch: int = 4):
@@ -322,4 +323,4 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, seq_len: int, global_batch: 
     stats = {"train_examples": len(all_train), "eval_examples": len(eval_set),
              "padding_fraction": padding_fraction(all_train), "sources": len(kept),
              "truncated": int(sum(1 for e in all_train if "segment_ids" in e and e["segment_ids"].reshape(-1, seq_len)[:, -1].any()))}
-    return Pipeline(train_ds, eval_list, report, stats)
+    return Pipeline(train_ds, eval_list, report, stats, examples=[s for s, _ in kept])

@@ -1,0 +1,122 @@
+"""RLAIF labelling: sample K completions per prompt from a policy and rank them with an AI judge.
+
+Judges: a reward-model checkpoint (rank by its score), or a judge LM asked which of two answers is
+better, its preference read from the log-probs of the choice tokens "A" / "B" (both orders, to
+cancel position bias); completions are ranked by their summed win probabilities. The output is a
+JSONL preference dataset ({"prompt", "chosen": best, "rejected": worst, "ranking": all distinct
+completions best first, "scores"}) that the RM and DPO stages read with
+`data.sources=[{kind: jsonl, path: FILE, text_field: "*"}]` (they train on chosen vs rejected).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.data.chat import completion_ids, prompt_ids
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.sampler import cut_at_stop, generate_ids, pad_prompts
+
+JUDGE_TEMPLATE = ("Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\n"
+                  "Which answer is better? Reply with A or B.")
+
+
+def _rm_scores(judge_path: str, tok, prompts: list, completions: list) -> np.ndarray:
+    from jaxllm.rewards import _score_last, load_scalar_model
+    from jaxllm.sharding import make_rules
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    graphdef, params = load_scalar_model(judge_path, mesh, make_rules(), tok)
+    seqs = [np.concatenate([prompt_ids(tok, p), completion_ids(tok, c)]) for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
+    inputs = np.zeros((len(seqs), width), np.int32)
+    seg = np.zeros_like(inputs)
+    for i, s in enumerate(seqs):
+        inputs[i, :len(s)], seg[i, :len(s)] = s, 1
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32)
+    return np.asarray(_score_last(graphdef, params, jnp.asarray(inputs), jnp.asarray(pos), jnp.asarray(seg)))
+
+
+def _choice_ids(tok) -> tuple[int, int]:
+    a, b = tok.encode("A"), tok.encode("B")
+    if len(a) != 1 or len(b) != 1:
+        raise ConfigError("judge LM tokenizer must encode 'A' and 'B' as single tokens")
+    return a[0], b[0]
+
+
+def lm_preference(model, tok, prompt: str, a: str, b: str) -> float:
+    """P(a better than b) from the judge LM, averaged over both presentation orders."""
+    id_a, id_b = _choice_ids(tok)
+    ids = [prompt_ids(tok, JUDGE_TEMPLATE.format(prompt=prompt, a=x, b=y)) for x, y in ((a, b), (b, a))]
+    batch = pad_prompts(ids)
+    seg = (np.cumsum(batch != 0, 1) > 0).astype(np.int32)
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
+    logits = np.asarray(model(jnp.asarray(batch), jnp.asarray(pos), jnp.asarray(seg))[:, -1])
+    two = logits[:, [id_a, id_b]]
+    p = np.exp(two - two.max(1, keepdims=True))
+    p = p / p.sum(1, keepdims=True)
+    return float(0.5 * (p[0, 0] + p[1, 1]))
+
+
+def label(policy: str, prompts: list, out: str, k: int = 4, judge: str = "", judge_kind: str = "rm",
+          max_new: int = 16, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+          batch: int = 64) -> dict:
+    """Writes `out` (JSONL) and returns a summary. Never overwrites an existing file."""
+    from jaxllm.inference import load_model
+    if os.path.exists(out):
+        raise DataError(f"{out} already exists; pick a new --out (labels are never overwritten)")
+    if k < 2:
+        raise ConfigError(f"--k={k}: need at least 2 completions per prompt to rank")
+    if not prompts:
+        raise DataError("no prompts to label: the config's data sources gave no records with a 'prompt'")
+    model, tok, _ = load_model(policy)
+    end = tok.specials["<|end|>"]
+    graphdef, state = nnx.split(model)
+    completions: list[list[str]] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        ids = pad_prompts([prompt_ids(tok, p) for p in chunk for _ in range(k)])
+        res = generate_ids(graphdef, state, ids, max_new, rng=jax.random.key(seed + start),
+                           temperature=temperature, top_p=top_p, eos_id=end)
+        rows = [tok.decode(cut_at_stop(r, (end,))) for r in np.asarray(res.tokens).tolist()]
+        completions += [rows[i * k:(i + 1) * k] for i in range(len(chunk))]
+
+    if judge_kind == "rm":
+        flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
+        flat_c = [c for cs in completions for c in cs]
+        scores = _rm_scores(judge, tok, flat_p, flat_c).reshape(len(prompts), k)
+    elif judge_kind == "lm":
+        judge_model, judge_tok, _ = load_model(judge)
+        scores = np.zeros((len(prompts), k))
+        for n, (p, cs) in enumerate(zip(prompts, completions)):
+            for i, j in itertools.combinations(range(k), 2):
+                pij = lm_preference(judge_model, judge_tok, p, cs[i], cs[j])
+                scores[n, i] += pij
+                scores[n, j] += 1 - pij
+    else:
+        raise ConfigError(f"--judge-kind={judge_kind!r}: use rm or lm")
+
+    written = ties = 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".partial"
+    with open(tmp, "w") as f:
+        for p, cs, sc in zip(prompts, completions, scores):
+            # identical texts carry no preference: keep each text once, with its best score
+            best: dict = {}
+            for c, s in zip(cs, sc):
+                best[c] = max(best.get(c, -np.inf), float(s))
+            if len(best) < 2:
+                ties += 1
+                continue
+            ranked = sorted(best.items(), key=lambda kv: -kv[1])
+            f.write(json.dumps({"prompt": p, "chosen": ranked[0][0], "rejected": ranked[-1][0],
+                                "ranking": [c for c, _ in ranked], "scores": [s for _, s in ranked]}) + "\n")
+            written += 1
+    os.replace(tmp, out)  # the file appears whole or not at all
+    return {"prompts": len(prompts), "written": written, "dropped_identical": ties, "out": out}

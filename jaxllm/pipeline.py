@@ -1,0 +1,180 @@
+"""`jaxllm pipeline`: a chain of stages from one YAML, each stage's output the next one's input.
+
+A stage is a run config (+ overrides) trained by the one Trainer, or a tokenizer. Overrides may
+name another stage's output as `${name}`; those references are the dependencies, so stages run in
+any order they allow. A finished stage leaves `stage_done.json` and is skipped on re-run; an
+unfinished one resumes from its last checkpoint (the Trainer's own resume). `--from STAGE` moves
+that stage's output and its dependents' to `_previous/` and runs them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from jaxllm.config import _suggest, load_config
+from jaxllm.errors import ConfigError
+
+DONE = "stage_done.json"
+_REF = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
+
+
+@dataclass
+class StageSpec:
+    name: str = ""
+    kind: Literal["train", "tokenizer"] = "train"
+    config: str = ""  # train: run config YAML, relative to the pipeline file
+    overrides: list[str] = field(default_factory=list)  # key=value; ${stage} = that stage's output dir
+    vocab_size: int = 1024  # tokenizer
+    model_type: str = "bpe"  # tokenizer
+    inputs: list[str] = field(default_factory=list)  # tokenizer: text files; empty = embedded corpus
+
+
+@dataclass
+class ReportConfig:
+    prompts: list[str] = field(default_factory=lambda: ["12+30=", "reverse abc", "sort 3 1 2"])
+    max_new_tokens: int = 16
+    text_prompts: list[str] = field(default_factory=lambda: ["The "])  # for base (pretrain) models
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/pipeline"
+    stages: list[StageSpec] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # applied to every train stage first
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty: set output_dir=PATH")
+
+
+def load_pipeline(path: str, overrides: list[str] = ()) -> tuple[PipelineConfig, str]:
+    cfg = load_config(path, list(overrides), cls=PipelineConfig)
+    base = os.path.dirname(os.path.abspath(path))
+    names = [s.name for s in cfg.stages]
+    if not cfg.stages:
+        raise ConfigError(f"{path}: stages is empty; list at least one stage")
+    for s in cfg.stages:
+        if not s.name or names.count(s.name) > 1:
+            raise ConfigError(f"{path}: every stage needs a unique name (got {s.name!r})")
+        if s.kind == "train" and not s.config:
+            raise ConfigError(f"pipeline stage {s.name}: set config=RUN_CONFIG.yaml")
+        for dep in deps_of(s, cfg):
+            if dep not in names:
+                raise ConfigError(f"pipeline stage {s.name} refers to ${{{dep}}} but no stage is named {dep!r}"
+                                  + _suggest(dep, names))
+    return cfg, base
+
+
+def deps_of(stage: StageSpec, cfg: Optional[PipelineConfig] = None) -> list[str]:
+    """Stages this one refers to as ${name}: in its own overrides and (train stages) the shared ones."""
+    shared = cfg.overrides if cfg is not None and stage.kind == "train" else []
+    return sorted({m for o in [*shared, *stage.overrides] for m in _REF.findall(o)} - {stage.name})
+
+
+def ordered(cfg: PipelineConfig) -> list[StageSpec]:
+    """Stages in the listed order, each moved after the stages it refers to."""
+    done: list[StageSpec] = []
+    pending = list(cfg.stages)
+    while pending:
+        ready = [s for s in pending if all(d in {x.name for x in done} for d in deps_of(s, cfg))]
+        if not ready:
+            raise ConfigError("pipeline stages refer to each other in a cycle: "
+                              + ", ".join(f"{s.name} <- {deps_of(s, cfg)}" for s in pending))
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
+
+
+def dependents(cfg: PipelineConfig, name: str) -> set[str]:
+    out, grew = {name}, True
+    while grew:
+        grew = False
+        for s in cfg.stages:
+            if s.name not in out and out & set(deps_of(s, cfg)):
+                out.add(s.name)
+                grew = True
+    return out
+
+
+def stage_dir(cfg: PipelineConfig, name: str) -> str:
+    return os.path.join(os.path.abspath(cfg.output_dir), name)
+
+
+def resolve(cfg: PipelineConfig, text: str) -> str:
+    return _REF.sub(lambda m: stage_dir(cfg, m.group(1)), text)
+
+
+def run_config(cfg: PipelineConfig, base: str, stage: StageSpec):
+    path = stage.config if os.path.isabs(stage.config) else os.path.join(base, stage.config)
+    return load_config(path, [f"output_dir={stage_dir(cfg, stage.name)}",
+                              *(resolve(cfg, o) for o in [*cfg.overrides, *stage.overrides])])
+
+
+def _run_stage(cfg: PipelineConfig, base: str, stage: StageSpec, log) -> dict:
+    out = stage_dir(cfg, stage.name)
+    if stage.kind == "tokenizer":
+        from jaxllm.cli import _texts_for_tokenizer
+        from jaxllm.data.tokenizer import train_tokenizer
+        os.makedirs(out, exist_ok=True)
+        tok = train_tokenizer(_texts_for_tokenizer([resolve(cfg, i) for i in stage.inputs], "text"),
+                              os.path.join(out, "tokenizer"), stage.vocab_size, stage.model_type)
+        return {"tokenizer": tok.path, "vocab_size": tok.vocab_size}
+    from jaxllm.trainer import Trainer
+    run_cfg = run_config(cfg, base, stage)
+    ckdir = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir)):
+        log(f"[{stage.name}] resuming from its last checkpoint in {ckdir}")
+    result = Trainer(run_cfg).run()
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def run_pipeline(path: str, overrides: list[str] = (), from_stage: Optional[str] = None, log=print,
+                 report: bool = True) -> dict:
+    cfg, base = load_pipeline(path, overrides)
+    stages = ordered(cfg)
+    for s in stages:  # every run config loads (and validates) before any stage runs
+        if s.kind == "train":
+            run_config(cfg, base, s)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if from_stage is not None:
+        names = [s.name for s in stages]
+        if from_stage not in names:
+            raise ConfigError(f"--from {from_stage}: no such stage" + _suggest(from_stage, names))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in dependents(cfg, from_stage):
+            if os.path.exists(stage_dir(cfg, name)):
+                dest = os.path.join(cfg.output_dir, "_previous", f"{name}-{stamp}")
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(stage_dir(cfg, name), dest)  # kept, never deleted
+                log(f"[{name}] previous output moved to {dest}")
+    summary = {}
+    for s in stages:
+        done_file = os.path.join(stage_dir(cfg, s.name), DONE)
+        if os.path.exists(done_file):
+            with open(done_file) as f:
+                summary[s.name] = json.load(f)
+            log(f"[{s.name}] finished earlier, skipped")
+            continue
+        log(f"[{s.name}] running")
+        t0 = time.time()
+        result = _run_stage(cfg, base, s, log)
+        record = {"stage": s.name, "kind": s.kind, "wall_s": time.time() - t0, "result": result,
+                  "depends_on": deps_of(s, cfg), "finished": time.time()}
+        tmp = done_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, done_file)
+        summary[s.name] = record
+        log(f"[{s.name}] done in {record['wall_s']:.0f} s")
+    if report:
+        from jaxllm.report import write_report
+        summary["report"] = write_report(cfg, base, stages)
+        log(f"report: {summary['report']}")
+    return summary

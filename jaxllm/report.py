@@ -1,0 +1,140 @@
+"""The pipeline report: `report.md` + one PNG of training curves per stage, the held-out metric
+before/after per stage, greedy samples from every stage's model for the same prompts, wall time
+per stage and the checkpoint lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxllm.monitor import read_metrics
+
+# objective -> (held-out metric, higher is better, what it means)
+HEADLINE = {
+    "causal_lm": ("eval_loss", False, "held-out loss (nats/token)"),
+    "masked_lm": ("eval_accuracy", True, "masked-token accuracy"),
+    "sft": ("eval_exact_match", True, "exact match of greedy answers"),
+    "reward_bt": ("eval_pair_accuracy", True, "held-out pair accuracy"),
+    "dpo": ("eval_reward_accuracy", True, "implicit reward accuracy"),
+    "ppo": ("eval_reward", True, "held-out reward"),
+    "grpo": ("eval_reward", True, "held-out reward"),
+}
+CURVES = {"causal_lm": ["loss"], "sft": ["loss"], "reward_bt": ["loss", "pair_accuracy"],
+          "dpo": ["loss", "reward_accuracy"], "ppo": ["reward_mean", "kl"], "grpo": ["reward_mean", "kl"]}
+
+
+def unigram_entropy(run_cfg) -> float:
+    """Entropy of the held-out tokens' unigram distribution: the loss of a model that ignores context."""
+    from jaxllm.stages import build_stage
+    batches = build_stage(run_cfg).pipeline.eval_batches
+    toks = np.concatenate([b["targets"][b["loss_mask"] == 1] for b in batches])
+    p = np.bincount(toks).astype(float)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _evals(rows):
+    return [r for r in rows if any(k.startswith("eval_") for k in r)]
+
+
+def _plot(name: str, rows: list, keys: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    evals = _evals(rows)
+    eval_keys = [k for k in ("eval_loss", "eval_reward", "eval_kl", "eval_exact_match", "eval_pair_accuracy",
+                             "eval_reward_accuracy") if any(k in r for r in evals)]
+    panels = [(k, [(r["step"], r[k]) for r in rows if k in r]) for k in keys]
+    panels += [(k, [(r["step"], r[k]) for r in evals if k in r]) for k in eval_keys]
+    panels = [(k, pts) for k, pts in panels if pts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], panels):
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o" if k.startswith("eval_") else None, ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _samples(stage_out: str, objective: str, rep) -> list[tuple[str, str]]:
+    from jaxllm.data.chat import prompt_ids
+    from jaxllm.inference import load_model, sample_ids
+    if objective in ("reward_bt", "masked_lm"):
+        return []
+    model, tok, _ = load_model(stage_out)
+    if objective == "causal_lm":
+        prompts = rep.text_prompts
+        ids = [tok.encode(p, bos=True) for p in prompts]
+        stop = 3
+    else:
+        prompts = rep.prompts
+        ids = [list(prompt_ids(tok, p)) for p in prompts]
+        stop = tok.specials["<|end|>"]
+    outs = sample_ids(model, ids, rep.max_new_tokens, stop_id=stop)
+    return [(p, tok.decode(o)) for p, o in zip(prompts, outs)]
+
+
+def write_report(cfg, base: str, stages) -> str:
+    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm.pipeline import DONE, run_config, stage_dir
+    out_dir = os.path.join(os.path.abspath(cfg.output_dir), "report")
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# Pipeline report", "", f"Output: `{os.path.abspath(cfg.output_dir)}`", "",
+             "| stage | objective | held-out metric | before | after | moved the right way | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    details, total_wall, verdicts = [], 0.0, {}
+    for s in stages:
+        done = json.load(open(os.path.join(stage_dir(cfg, s.name), DONE)))
+        total_wall += done["wall_s"]
+        if s.kind == "tokenizer":
+            lines.append(f"| {s.name} | tokenizer | vocab size | - | {done['result']['vocab_size']} | - | "
+                         f"{done['wall_s']:.0f} |")
+            continue
+        run_cfg = run_config(cfg, base, s)
+        obj = run_cfg.objective.name
+        rows = read_metrics(stage_dir(cfg, s.name))
+        evals = _evals(rows)
+        metric, higher, what = HEADLINE.get(obj, ("eval_loss", False, "held-out loss"))
+        vals = [r[metric] for r in evals if metric in r]
+        before, after = (vals[0], vals[-1]) if vals else (None, None)
+        extra = ""
+        if obj == "causal_lm":
+            base_h = unigram_entropy(run_cfg)
+            extra = f" (unigram baseline {base_h:.2f})"
+            ok = after is not None and after < base_h
+        else:
+            ok = vals and ((after > before) if higher else (after < before))
+        verdicts[s.name] = bool(ok)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        lines.append(f"| {s.name} | {obj} | {what}{extra} | {fmt(before)} | {fmt(after)} | "
+                     f"{'yes' if ok else 'NO'} | {done['wall_s']:.0f} |")
+        png = f"{s.name}.png"
+        _plot(s.name, rows, CURVES.get(obj, ["loss"]), os.path.join(out_dir, png))
+        kl = [r["eval_kl"] for r in evals if "eval_kl" in r]
+        detail = [f"## {s.name} ({obj})", "", f"![{s.name}]({png})", ""]
+        if kl:
+            detail.append(f"KL to the reference on held-out prompts (nats/sequence): {kl[0]:.3f} -> {kl[-1]:.3f}")
+            detail.append("")
+        samples = _samples(stage_dir(cfg, s.name), obj, cfg.report)
+        if samples:
+            detail += ["| prompt | greedy completion |", "|---|---|"]
+            detail += [f"| `{p!r}` | `{c!r}` |" for p, c in samples]
+            detail.append("")
+        chain = ckpt_lib.lineage(stage_dir(cfg, s.name))
+        detail.append("Lineage: " + " <- ".join(f"{stage or '?'}@{step}" for _, stage, step in chain))
+        detail.append("")
+        details += detail
+    lines += ["", f"Total wall time: {total_wall:.0f} s.", ""] + details
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "verdicts.json"), "w") as f:
+        json.dump(verdicts, f)
+    return path

@@ -1,0 +1,121 @@
+"""Reward sources for RL. Verifiable rewards are plain functions
+`reward(prompt, completion, reference) -> float`, referenced from a config by "module:function";
+a reward-model checkpoint scores (prompt + completion) with its scalar head. `Rewards` combines
+several with weights, a per-token length penalty and a penalty for never reaching EOS."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import RLConfig, RewardConfig
+from jaxllm.errors import ConfigError
+
+
+# ---- verifiable rewards ------------------------------------------------------------------------
+def exact_match(prompt: str, completion: str, reference: str) -> float:
+    """1 if the completion equals the reference answer (surrounding whitespace ignored)."""
+    return float(completion.strip() == reference.strip())
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def numeric_answer(prompt: str, completion: str, reference: str) -> float:
+    """1 if the first number in the completion equals the reference number."""
+    got, want = _NUMBER.search(completion), _NUMBER.search(reference)
+    return float(bool(got and want) and float(got.group()) == float(want.group()))
+
+
+def token_overlap(prompt: str, completion: str, reference: str) -> float:
+    """Partial credit: fraction of the reference's space-separated items found in order."""
+    want, got = reference.split(), completion.split()
+    if not want:
+        return 0.0
+    return sum(1.0 for a, b in zip(want, got) if a == b) / len(want)
+
+
+def load_function(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rl.rewards: cannot import reward function {spec!r} ({e}); give "
+                          f"'module.path:function' importable from this environment") from None
+    if not callable(fn):
+        raise ConfigError(f"rl.rewards: {spec!r} is not callable")
+    return fn
+
+
+# ---- reward model ---------------------------------------------------------------------------
+def load_scalar_model(path: str, mesh, rules, tok=None):
+    """Reward-model checkpoint -> (graphdef, params on the mesh). Checks the tokenizer."""
+    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm.config import ModelConfig, from_dict
+    from jaxllm.model import ScalarHeadModel
+    from jaxllm.sharding import state_shardings
+    src, step = ckpt_lib.open_for_read(path)
+    meta = src.metadata(step)
+    if tok is not None:
+        from jaxllm.trainer import check_tokenizer
+        check_tokenizer(meta, tok, path)
+    cfg = from_dict(ModelConfig, meta["model"], "model.")
+    abstract = nnx.eval_shape(lambda: ScalarHeadModel(cfg, nnx.Rngs(0)))
+    graphdef, abs_params = nnx.split(abstract, nnx.Param)
+    saved = src.param_shapes(step)
+    if "score" not in saved:
+        raise ConfigError(f"rl.rewards: {path} is not a reward-model checkpoint (no 'score' head); "
+                          f"give the output of a reward_bt run")
+    shard = state_shardings(abs_params, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shard)
+    params = src.restore(step, target)["params"]
+    src.close()
+    return graphdef, params
+
+
+@jax.jit
+def _score_last(graphdef, params, inputs, positions, segment_ids):
+    """Scalar reward read at the last real token of each [B, T] sequence."""
+    model = nnx.merge(graphdef, params)
+    scores = model.scores(inputs, positions, segment_ids)
+    T = segment_ids.shape[1]
+    last = T - 1 - jnp.argmax(segment_ids[:, ::-1] != 0, axis=1)
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+class Rewards:
+    """Weighted sum of reward terms over a rollout, with the length / no-EOS penalties."""
+
+    def __init__(self, rl: RLConfig, mesh, rules, tok):
+        self.rl = rl
+        self.terms = []  # (name, weight, kind, fn or (graphdef, params))
+        for i, r in enumerate(rl.rewards):
+            if r.kind == "function":
+                self.terms.append((r.fn.split(":")[-1], r.weight, "function", load_function(r.fn)))
+            else:
+                self.terms.append((f"rm{i}", r.weight, "model", load_scalar_model(r.path, mesh, rules, tok)))
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str],
+                 seq: dict, lengths: np.ndarray, finished: np.ndarray) -> tuple[np.ndarray, dict]:
+        """-> (total reward [N], {term name: mean}). `seq` holds the [N, T] inputs/positions/
+        segment_ids of prompt + completion (global arrays) for reward models."""
+        total = np.zeros(len(completions), np.float64)
+        parts = {}
+        for name, weight, kind, fn in self.terms:
+            if kind == "function":
+                vals = np.array([float(fn(p, c, r)) for p, c, r in zip(prompts, completions, references)])
+            else:
+                graphdef, params = fn
+                vals = np.asarray(jax.device_get(_score_last(graphdef, params, seq["inputs"], seq["positions"],
+                                                             seq["segment_ids"])), np.float64)
+            parts[f"reward_{name}"] = float(vals.mean())
+            total += weight * vals
+        total -= self.rl.length_penalty * lengths
+        total -= self.rl.no_eos_penalty * (~finished.astype(bool))
+        return total.astype(np.float32), parts

@@ -1,0 +1,261 @@
+"""On-policy RL (PPO, GRPO) as a data source for the one train loop.
+
+The loop asks `ExperienceIterator.next_for(state)` for each batch. At a rollout boundary it
+samples completions with the current policy (KV-cache sampler, same mesh), scores them (rewards,
+reference and old log-probs, PPO values), computes advantages and cuts the rollout into
+`rl.minibatches` shuffled mini-batches for each of `rl.epochs` epochs. The train step itself is
+the generic one with the `ppo` or `grpo` loss. Checkpoints fall on rollout boundaries, so the
+iterator state is just the prompt iterator's state plus the KL controller's coefficient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig, RLConfig, RunConfig
+from jaxllm.data.tokenizer import EOS_ID, PAD_ID
+from jaxllm.model import ScalarHeadModel, Transformer
+from jaxllm.objectives import gae, group_advantages, kl_penalty, token_logps_and_entropy
+from jaxllm.sampler import generate_ids
+from jaxllm.sharding import batch_sharding, use_mesh_rules
+
+
+class ActorCritic(nnx.Module):
+    """PPO's policy (LM head) and critic (scalar head on its own trunk), trained together."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
+        self.actor = Transformer(cfg, rngs, lora)
+        self.critic = ScalarHeadModel(cfg, rngs, lora)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):
+        """-> (logits [B, T, V], values [B, T])."""
+        return self.actor(tokens, positions, segment_ids), self.critic.scores(tokens, positions, segment_ids)
+
+
+def policy_of(graphdef, state, actor_critic: bool):
+    """(graphdef, merged state) of the LM that samples: the whole model or its `actor`."""
+    model = nnx.merge(graphdef, state)
+    return nnx.split(model.actor if actor_critic else model)
+
+
+class KLController:
+    """Fixed, or adaptive (Ziegler et al. 2019): coef *= 1 + clip(KL/target - 1, ±0.2) * n/horizon."""
+
+    def __init__(self, rl: RLConfig, coef: Optional[float] = None):
+        self.rl, self.coef = rl, rl.kl_coef if coef is None else coef
+
+    def update(self, measured_kl: float, n_sequences: int) -> None:
+        if self.rl.target_kl > 0:
+            err = float(np.clip(measured_kl / self.rl.target_kl - 1.0, -0.2, 0.2))
+            self.coef *= 1.0 + err * n_sequences / self.rl.kl_horizon
+
+
+# ---- building a training batch from prompts + completions -----------------------------------
+def layout(prompts: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> dict:
+    """Left-padded prompts [N, P] + completions [N, M] (mask 1 on generated tokens) -> the
+    teacher-forcing arrays [N, P+M-1]; loss_mask is 1 where the target is a generated token."""
+    full = np.concatenate([prompts, np.where(mask > 0, tokens, PAD_ID)], axis=1)
+    real = np.concatenate([(np.cumsum(prompts != PAD_ID, axis=1) > 0), mask > 0], axis=1)
+    seg = real.astype(np.int32)
+    pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    P = prompts.shape[1]
+    loss_mask = np.zeros_like(seg)
+    loss_mask[:, P:] = mask
+    return {"inputs": full[:, :-1].astype(np.int32), "targets": full[:, 1:].astype(np.int32),
+            "positions": pos[:, :-1], "segment_ids": seg[:, :-1], "loss_mask": loss_mask[:, 1:]}
+
+
+def _sharded(x: np.ndarray, mesh, rules, leading: int = 0):
+    """Identical host array on every process -> global array sharded over the batch axis."""
+    sharding = batch_sharding(mesh, rules, x.ndim, leading)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+@partial(jax.jit, static_argnames=("temperature",))
+def _teacher_forced(graphdef, state, batch, temperature: float = 1.0):
+    """Token log-probs at the sampling temperature (+ values for an actor-critic) at every target."""
+    model = nnx.merge(graphdef, state)
+    out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, values = out if isinstance(out, tuple) else (out, None)
+    logps, _ = token_logps_and_entropy(logits, batch["targets"], temperature)
+    return logps, values
+
+
+def stop_ids(tok) -> set:
+    return {tok.specials["<|end|>"], EOS_ID, PAD_ID}
+
+
+def _whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    mu, sd = x[m].mean(), x[m].std()
+    return np.where(m, (x - mu) / (sd + 1e-8), 0.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class RLContext:
+    """What rollouts need besides the train state; built by the Trainer."""
+    cfg: RunConfig
+    graphdef: nnx.GraphDef  # the trained model's (Transformer, or ActorCritic for PPO)
+    reference: nnx.State  # frozen policy weights
+    ref_graphdef: nnx.GraphDef
+    mesh: object
+    rules: dict
+    tokenizer: object
+    rewards: object  # rewards.Rewards
+    actor_critic: bool
+
+
+class ExperienceIterator:
+    def __init__(self, ctx: RLContext, prompt_iter, data_state: Optional[dict]):
+        self.ctx, self.prompts = ctx, prompt_iter
+        rl = ctx.cfg.rl
+        self.rollouts = 0
+        coef = None
+        if data_state is not None:
+            self.prompts.set_state(data_state["prompts"])
+            self.rollouts, coef = data_state["rollouts"], data_state["kl_coef"]
+        self.kl = KLController(rl, coef)
+        self.queue: list = []
+        self.metrics: dict = {}
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(), "rollouts": self.rollouts, "kl_coef": self.kl.coef}
+
+    def pop_metrics(self) -> dict:
+        m, self.metrics = self.metrics, {}
+        return m
+
+    def next_for(self, state) -> dict:
+        if not self.queue:
+            self._rollout(state)
+        return self.queue.pop(0)
+
+    # -- one rollout --
+    def _rollout(self, state) -> None:
+        ctx, rl, cfg = self.ctx, self.ctx.cfg.rl, self.ctx.cfg
+        t0 = time.perf_counter()
+        raw = next(self.prompts)  # every process reads the same prompts (see build_stage)
+        G = rl.group_size
+        prompts = np.repeat(raw["prompt"], G, axis=0)  # [N, P], consecutive G = one prompt
+        texts = np.repeat(raw["prompt_text"], G).tolist()
+        refs = np.repeat(raw["answer"], G).tolist()
+        params = nnx.merge_state(state.params, state.rest)
+        pol_graphdef, pol_state = policy_of(ctx.graphdef, params, ctx.actor_critic)
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 7), self.rollouts)
+        out = generate_ids(pol_graphdef, pol_state, _sharded(prompts, ctx.mesh, ctx.rules), rl.max_new_tokens,
+                           rng=key, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                           eos_id=ctx.tokenizer.specials["<|end|>"], mesh=ctx.mesh, rules=ctx.rules)
+        tokens, mask, finished = _host(out.tokens), _host(out.mask), _host(out.finished)
+        t_sample = time.perf_counter() - t0
+
+        batch = layout(prompts, tokens, mask)
+        dev = {k: _sharded(v, ctx.mesh, ctx.rules) for k, v in batch.items()}
+        completions = [ctx.tokenizer.decode([t for t, m in zip(row, mrow) if m and t not in self._stops])
+                       for row, mrow in zip(tokens, mask)]
+        lengths = mask.sum(1)
+        scores, parts = ctx.rewards(texts, completions, refs, dev, lengths, finished)
+
+        with use_mesh_rules(ctx.mesh, ctx.rules):
+            old_logps, values = _teacher_forced(ctx.graphdef, params, dev, rl.temperature)
+            ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev, rl.temperature)
+        old_logps, ref_logps = _host(old_logps), _host(ref_logps)
+        m = batch["loss_mask"].astype(np.float32)
+        tok_kl = np.asarray(kl_penalty(old_logps, ref_logps, rl.kl_estimator)) * m
+        if rl.kl_clamp:
+            tok_kl = np.clip(tok_kl, -rl.kl_clamp, rl.kl_clamp)
+        seq_kl = (np.asarray(kl_penalty(old_logps, ref_logps, "k1")) * m).sum(1)
+
+        batch.update(old_logps=old_logps.astype(np.float32), ref_logps=ref_logps.astype(np.float32))
+        metrics = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+                   "kl": float(seq_kl.mean()), "response_length": float(lengths.mean()),
+                   "finished_fraction": float(finished.mean()), "kl_coef": self.kl.coef, **parts}
+        if ctx.actor_critic:
+            values = _host(values).astype(np.float32) * m
+            last = self._last_index(m)
+            rewards = -self.kl.coef * tok_kl
+            rewards[np.arange(len(scores)), last] += scores
+            adv, returns = (np.asarray(x) for x in gae(rewards, values, m, rl.gamma, rl.lam))
+            batch.update(old_values=values, returns=returns.astype(np.float32),
+                         advantages=_whiten(adv, m) if rl.whiten_advantages else adv.astype(np.float32))
+            var = returns[m > 0].var()
+            metrics["value_explained_var"] = float(1 - (returns - values)[m > 0].var() / var) if var > 0 else 0.0
+        else:
+            adv = np.asarray(group_advantages(scores, G, normalize_std=rl.advantage_norm == "std"))
+            flat = scores.reshape(-1, G)
+            live = np.repeat(flat.max(1) > flat.min(1), G)  # all-equal groups give no gradient
+            batch["loss_mask"] = batch["loss_mask"] * live[:, None]
+            batch["advantages"] = (adv[:, None] * batch["loss_mask"]).astype(np.float32)
+            metrics["live_group_fraction"] = float(live.mean())
+        self.kl.update(float(seq_kl.mean()), len(scores))
+        self._enqueue(batch)
+        self.rollouts += 1
+        metrics.update(rollout_time_s=time.perf_counter() - t0, sample_time_s=t_sample)
+        self.metrics = metrics
+
+    @property
+    def _stops(self):
+        return stop_ids(self.ctx.tokenizer)
+
+    @staticmethod
+    def _last_index(m: np.ndarray) -> np.ndarray:
+        T = m.shape[1]
+        return T - 1 - np.argmax(m[:, ::-1] > 0, axis=1)
+
+    def _enqueue(self, batch: dict) -> None:
+        rl, cfg = self.ctx.cfg.rl, self.ctx.cfg
+        n, b = len(batch["inputs"]), cfg.train.batch_size
+        for epoch in range(rl.epochs):
+            order = np.random.default_rng([cfg.seed, self.rollouts, epoch]).permutation(n)
+            for i in range(rl.minibatches):
+                idx = order[i * b:(i + 1) * b]
+                self.queue.append({k: _sharded(v[idx][None], self.ctx.mesh, self.ctx.rules, 1) for k, v in batch.items()})
+
+
+def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
+    """Held-out prompts: mean reward of completions at rl.eval_temperature and their KL to the
+    reference (sum over tokens of log pi - log ref, mean over prompts)."""
+    if not records:
+        return {}
+    rl = ctx.cfg.rl
+    prompts = np.stack([r["prompt"] for r in records])
+    params = nnx.merge_state(state.params, state.rest)
+    pol_graphdef, pol_state = policy_of(graphdef, params, ctx.actor_critic)
+    n_dp = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    pad = (-len(prompts)) % n_dp
+    prompts = np.concatenate([prompts, np.repeat(prompts[-1:], pad, axis=0)])
+    out = generate_ids(pol_graphdef, pol_state, _sharded(prompts, ctx.mesh, ctx.rules), rl.max_new_tokens,
+                       rng=jax.random.key(ctx.cfg.seed + 11), temperature=rl.eval_temperature, top_k=rl.top_k,
+                       top_p=rl.top_p, eos_id=ctx.tokenizer.specials["<|end|>"], mesh=ctx.mesh, rules=ctx.rules)
+    tokens, mask, finished = _host(out.tokens), _host(out.mask), _host(out.finished)
+    batch = layout(prompts, tokens, mask)
+    dev = {k: _sharded(v, ctx.mesh, ctx.rules) for k, v in batch.items()}
+    stops = stop_ids(ctx.tokenizer)
+    completions = [ctx.tokenizer.decode([t for t, m in zip(row, mr) if m and t not in stops])
+                   for row, mr in zip(tokens, mask)]
+    n = len(records)
+    scores, parts = ctx.rewards([str(r["prompt_text"]) for r in records] + [""] * pad,
+                                completions, [str(r["answer"]) for r in records] + [""] * pad,
+                                dev, mask.sum(1), finished)
+    with use_mesh_rules(ctx.mesh, ctx.rules):
+        logps, _ = _teacher_forced(pol_graphdef, pol_state, dev)
+        ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev)
+    m = batch["loss_mask"]
+    kl = ((_host(logps) - _host(ref_logps)) * m).sum(1)[:n]
+    return {"eval_reward": float(scores[:n].mean()), "eval_kl": float(kl.mean()),
+            "eval_response_length": float(mask.sum(1)[:n].mean()),
+            **{f"eval_{k}": v for k, v in parts.items()}}

@@ -1,0 +1,132 @@
+"""RL stages on the one loop: GRPO with a verifiable reward, PPO against the RM stage's model,
+the adaptive KL controller, RLAIF labelling into an RM run, and RL config errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.config import RLConfig
+from jaxllm.monitor import read_metrics
+from jaxllm.rl import KLController
+from jaxllm.trainer import Trainer
+from tests.conftest import stage_config
+
+QUIET = ["train.progress=false", "train.log_every=100"]
+
+
+def sevens(prompt: str, completion: str, reference: str) -> float:
+    """A verifiable property reward: how many '7' characters the completion has (capped at 3)."""
+    return float(min(completion.count("7"), 3))
+
+
+def _evals(out):
+    return [m for m in read_metrics(out) if "eval_reward" in m]
+
+
+def _rollouts(out):
+    return [m for m in read_metrics(out) if "reward_mean" in m]
+
+
+def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path):
+    cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, f"checkpoint.init_from={sft}", "train.steps=40",
+                       "eval.every=40", "checkpoint.every=40", "optimizer.lr=1e-4", "rl.temperature=0.7",
+                       "rl.eval_temperature=0.7", "rl.eval_prompts=48",
+                       'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]')
+    Trainer(cfg).run()
+    first, last = _evals(cfg.output_dir)[0], _evals(cfg.output_dir)[-1]
+    assert first["eval_kl"] == 0.0
+    assert last["eval_reward"] > first["eval_reward"] + 0.5, (first, last)  # measured 0.22 -> 1.71
+    assert 0.0 < last["eval_kl"] < 20.0  # nats per sequence: moved, but bounded by the KL term
+    roll = _rollouts(cfg.output_dir)
+    assert len(roll) == 20 and all(0 <= r["live_group_fraction"] <= 1 for r in roll)
+    assert {"entropy", "clip_fraction", "rollout_time_s", "response_length"} <= set().union(*read_metrics(cfg.output_dir))
+
+
+def _ppo(tmp, sft, rm, *ov):
+    cfg = stage_config(tmp, "ppo_tiny", *QUIET, f"checkpoint.init_from={sft}", f"rl.critic_init={rm}",
+                       f'rl.rewards=[{{kind: model, path: "{rm}"}}]', "train.steps=40", "eval.every=40",
+                       "checkpoint.every=40", "rl.eval_prompts=48", *ov)
+    t = Trainer(cfg)
+    t.run()
+    return cfg.output_dir, t
+
+
+def test_ppo_raises_reward_model_score_with_bounded_kl(sft, reward_model, tmp_path):
+    rm, _ = reward_model
+    out, t = _ppo(tmp_path, sft, rm)
+    first, last = _evals(out)[0], _evals(out)[-1]
+    assert last["eval_reward"] > first["eval_reward"] + 0.5, (first, last)
+    assert 0.0 < last["eval_kl"] < 20.0
+    roll = _rollouts(out)
+    assert all(np.isfinite(r["value_explained_var"]) for r in roll)
+    assert "actor" in t.state.params and "critic" in t.state.params and "score" in t.state.params["critic"]
+
+
+def test_adaptive_kl_controller_tracks_target(sft, reward_model, tmp_path):
+    ctl = KLController(RLConfig(kl_coef=0.1, target_kl=1.0, kl_horizon=100))
+    ctl.update(3.0, 50)  # far above target: error clipped to +0.2
+    assert abs(ctl.coef - 0.1 * (1 + 0.2 * 0.5)) < 1e-12
+    ctl.update(0.9, 100)
+    assert abs(ctl.coef - 0.11 * (1 - 0.1)) < 1e-12
+    rm, _ = reward_model
+    target = 1.0
+    out, _ = _ppo(tmp_path, sft, rm, f"rl.target_kl={target}", "rl.kl_horizon=64", "rl.kl_coef=0.05")
+    roll = _rollouts(out)
+    for a, b in zip(roll, roll[1:]):  # the coefficient moves towards the target every rollout
+        assert np.sign(b["kl_coef"] - a["kl_coef"]) == np.sign(a["kl"] - target)
+    assert roll[-1]["kl_coef"] > roll[0]["kl_coef"]  # KL ran above target, so the penalty grew
+    assert np.mean([r["kl"] for r in roll[-4:]]) < 3 * target, [r["kl"] for r in roll]
+
+
+def test_label_writes_preferences_an_rm_trains_on(sft, reward_model, tmp_path, capsys):
+    rm, _ = reward_model
+    out = str(tmp_path / "labels.jsonl")
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs/runs/grpo_tiny.yaml")
+    assert main(["label", cfg, "--policy", sft, "--judge", rm, "--k", "4", "--n", "320", "--max-new", "12",
+                 "--out", out]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in open(out)]
+    assert summary["written"] == len(rows) > 200
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) and r["chosen"] == r["ranking"][0] for r in rows)
+    # the RM stage reads the file directly and learns the judge's preferences on held-out prompts
+    rm_cfg = stage_config(tmp_path, "rm_tiny", *QUIET, f"output_dir={tmp_path}/rm2", f"checkpoint.init_from={sft}",
+                          f'data.sources=[{{kind: jsonl, path: "{out}", text_field: "*"}}]', "data.eval_sources=[]",
+                          "data.eval_fraction=0.2", "train.steps=150", "eval.every=150", "checkpoint.every=0",
+                          "eval.batches=4")
+    Trainer(rm_cfg).run()
+    evals = [m for m in read_metrics(rm_cfg.output_dir) if "eval_pair_accuracy" in m]
+    assert evals[-1]["eval_pair_accuracy"] > 0.65 and evals[-1]["eval_pair_accuracy"] > evals[0]["eval_pair_accuracy"]
+    assert main(["label", cfg, "--policy", sft, "--judge", rm, "--out", out]) == 2  # never overwritten
+    assert len(open(out).readlines()) == len(rows)
+
+
+def test_label_with_a_judge_lm(sft, tmp_path, capsys):
+    """The judge LM's pairwise preferences (both orders) are probabilities: per prompt with 3
+    distinct completions the win scores sum to the 3 pairs."""
+    out = str(tmp_path / "lm.jsonl")
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs/runs/grpo_tiny.yaml")
+    assert main(["label", cfg, "--policy", sft, "--judge", sft, "--judge-kind", "lm", "--k", "3", "--n", "6",
+                 "--max-new", "8", "--out", out]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert rows and all(0.0 <= s <= 2.0 for r in rows for s in r["scores"])
+    full = [r for r in rows if len(r["ranking"]) == 3]
+    assert all(abs(sum(r["scores"]) - 3.0) < 1e-4 for r in full)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (['rl.rewards=[{kind: function, fn: "no_such_module:f"}]'], "cannot import reward function"),
+    (["rl.group_size=1"], "needs rl.group_size >= 2"),
+    (["train.steps=41"], "must be a multiple of rl.epochs*rl.minibatches"),
+    (["rl.rewards=[]"], "needs at least one reward"),
+    (["data.kind=chat"], "reads prompts"),
+    (["rl.max_new_tokens=40"], "exceeds train.seq_len"),
+])
+def test_rl_config_errors(tmp_path, capsys, overrides, message):
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs/runs/grpo_tiny.yaml")
+    assert main(["train", cfg, f"output_dir={tmp_path}/x", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not os.path.exists(f"{tmp_path}/x/checkpoints")

@@ -1,0 +1,65 @@
+"""RL math API against values computed by hand from the formulas."""
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxllm.objectives import gae, group_advantages, kl_penalty, ppo_policy_loss, ppo_value_loss
+
+
+def test_kl_estimators_on_known_logprobs():
+    logp, ref = np.log([0.5, 0.5]), np.log([0.25, 0.5])  # d = ref - logp = (-ln 2, 0)
+    ln2 = math.log(2)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k1"), [ln2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k2"), [ln2 ** 2 / 2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k3"), [0.5 + ln2 - 1, 0.0], atol=1e-6)
+    with pytest.raises(ValueError):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_gae_short_trajectory():
+    adv, ret = gae(np.array([[0.0, 0.0, 1.0]]), np.array([[0.5, 0.6, 0.7]]), np.ones((1, 3)), gamma=1.0, lam=0.5)
+    # delta2 = 1 - .7 = .3; delta1 = .7 - .6 = .1, A1 = .1 + .5*.3; delta0 = .6 - .5, A0 = .1 + .5*A1
+    np.testing.assert_allclose(adv, [[0.225, 0.25, 0.3]], atol=1e-6)
+    np.testing.assert_allclose(ret, [[0.725, 0.85, 1.0]], atol=1e-6)
+
+
+def test_gae_respects_mask_and_discount():
+    # prompt token (masked), two completion tokens, padding: the value after the last real token is 0
+    rewards = np.array([[0.0, 0.0, 1.0, 5.0]])
+    values = np.array([[9.0, 0.6, 0.7, 9.0]])
+    mask = np.array([[0, 1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    a2 = 1.0 - 0.7
+    a1 = 0.9 * 0.7 - 0.6 + 0.9 * 0.5 * a2
+    np.testing.assert_allclose(adv, [[0.0, a1, a2, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(ret, [[0.0, a1 + 0.6, a2 + 0.7, 0.0]], atol=1e-6)
+
+
+def test_group_advantages_with_zero_variance_group():
+    r = np.array([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    std = math.sqrt(2 / 3)
+    np.testing.assert_allclose(group_advantages(r, 3), [-1 / std, 0, 1 / std, 0, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(group_advantages(r, 3, normalize_std=False), [-1, 0, 1, 0, 0, 0], atol=1e-6)
+
+
+def test_ppo_policy_loss_clips_on_both_sides():
+    ratios = np.array([1.5, 0.5, 0.5, 1.5, 3.0])
+    old = np.zeros(5)
+    logp = np.log(ratios)
+    adv = np.array([1.0, 1.0, -1.0, -1.0, 100.0])
+    mask = np.array([1, 1, 1, 1, 0])
+    # per token max(-A r, -A clip(r, .8, 1.2)): -1.2 (clipped), -0.5, 0.8 (clipped), 1.5; last masked
+    loss, m = ppo_policy_loss(logp, old, adv, mask, 0.2, 0.2)
+    assert abs(float(loss) - (-1.2 - 0.5 + 0.8 + 1.5) / 4) < 1e-6
+    assert abs(float(m["clip_fraction"]) - 0.5) < 1e-6
+    loss_hi, _ = ppo_policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)  # eps_high only moves token 0
+    assert abs(float(loss_hi) - (-1.28 - 0.5 + 0.8 + 1.5) / 4) < 1e-6
+
+
+def test_ppo_value_loss_clipped():
+    v, old, ret = np.array([1.0, 0.0, 7.0]), np.array([0.5, 0.5, 0.0]), np.array([2.0, 0.0, 0.0])
+    loss = ppo_value_loss(v, old, ret, np.array([1, 1, 0]), clip=0.2)
+    # token 0: max((1-2)^2, (0.7-2)^2) = 1.69; token 1: max(0, 0.3^2) = 0.09; halves, mean of two
+    assert abs(float(loss) - (0.5 * 1.69 + 0.5 * 0.09) / 2) < 1e-6
