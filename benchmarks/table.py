@@ -20,6 +20,14 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   the embedded corpus (batch 8, seq 256, float32, AdamW lr 1e-3, clip 1.0) in one process, one
   after the other; tokens/s is the median step after 3 warm-up steps, and the held-out loss is
   measured on the same held-out batches after the same number of steps.
+- **rollout**: the KV-cache sampler (`jaxllm.sampler.generate_ids`, greedy, no early stop) on a
+  randomly initialised model, prompts of 64 tokens and 64 new tokens. Prefill tok/s = batch x 64 /
+  time of a 1-token generation; decode ms/step = (time for 64 tokens - time for 1) / 63. Roofline
+  fraction = bytes a decode step must read (every fp32 weight once + the average KV cache) / step
+  time / peak memory bandwidth (the spec sheet on GPU/TPU; on CPU a measured large host copy).
+  On CPU the "roof" is a DRAM copy, while small models' weights partly stay in the L2/L3 caches, so
+  the fraction can exceed 100% there; it is a meaningful roofline only on GPU/TPU (spec-sheet HBM).
+  "Full recompute" is the no-cache reference sampler (`jaxllm.inference._sample`) on the same job.
 - **GPU**: no GPU was available to the sessions that produced these records; GPU rows will appear
   here when measured.
 """

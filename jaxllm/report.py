@@ -122,6 +122,11 @@ def write_report(cfg, base: str, stages) -> str:
         if kl:
             detail.append(f"KL to the reference on held-out prompts (nats/sequence): {kl[0]:.3f} -> {kl[-1]:.3f}")
             detail.append("")
+        terms = sorted({k for r in evals for k in r if k.startswith("eval_reward_") and obj in ("ppo", "grpo")})
+        if terms:  # each reward term on its own: a rising total can hide a falling verifiable term
+            detail.append("Reward terms (held-out, before -> after): " + ", ".join(
+                f"{k[len('eval_reward_'):]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in terms))
+            detail.append("")
         samples = _samples(stage_dir(cfg, s.name), obj, cfg.report)
         if samples:
             detail += ["| prompt | greedy completion |", "|---|---|"]

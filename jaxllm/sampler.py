@@ -52,20 +52,22 @@ def filter_logits(logits, top_k: int = 0, top_p=1.0):
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
-    keep = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((top_p < 1.0) & (logits < cutoff), -jnp.inf, logits)
+    def nucleus(x):
+        sorted_desc = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x < cutoff, -jnp.inf, x)
+    # the vocabulary sort is the costliest op of a decode step on CPU: skip it when top_p is off
+    return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits)
 
 
 def sample_token(key, logits, temperature, top_k: int, top_p):
     """logits [B, V] float32 -> (token [B], log-prob of it at this temperature [B])."""
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
-    tok = jnp.where(greedy, jnp.argmax(logits, -1),
-                    jax.random.categorical(key, filter_logits(scaled, top_k, top_p))).astype(jnp.int32)
+    tok = jax.lax.cond(greedy, lambda: jnp.argmax(logits, -1).astype(jnp.int32),
+                       lambda: jax.random.categorical(key, filter_logits(scaled, top_k, top_p)).astype(jnp.int32))
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tok[:, None], -1)[:, 0]
     return tok, logp
 
