@@ -130,3 +130,25 @@ def test_rl_config_errors(tmp_path, capsys, overrides, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not os.path.exists(f"{tmp_path}/x/checkpoints")
+
+
+def test_grpo_resume_is_exact(sft, tmp_path):
+    """Checkpoints fall on rollout boundaries and carry the prompt iterator and KL coefficient:
+    4 + restart + 4 steps equal 8 straight, rollouts included."""
+    import jax
+
+    def run(out, *ov):
+        cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, f"output_dir={out}", f"checkpoint.init_from={sft}",
+                           "train.steps=8", "eval.every=0", "checkpoint.every=4", "rl.max_new_tokens=6", *ov)
+        t = Trainer(cfg)
+        t.run()
+        return t
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", "train.stop_at=4")
+    resumed = run(tmp_path / "b")
+    for x, y in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ra = [m["reward_mean"] for m in _rollouts(str(tmp_path / "a"))]
+    rb = [m["reward_mean"] for m in _rollouts(str(tmp_path / "b"))]
+    assert ra == rb and len(ra) == 4
