@@ -64,7 +64,7 @@ def write_readme(records: list[dict]) -> str:
     if "peer" in by_suite:
         lines += ["## peer (same model, data and machine, one run)", "",
                   "| device | jaxllm tok/s | PyTorch eager tok/s | torch.compile tok/s | vs eager | vs compile | "
-                  "held-out loss jaxllm / eager / compile (same steps) | torch | date |", "|" + "---|" * 9]
+                  "held-out loss jaxllm / eager / compile (same steps) | torch | jaxllm commit | date |", "|" + "---|" * 10]
         for r in by_suite["peer"]:
             res = r["results"]
             lines.append(f"| {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores), mesh {r['config']['mesh']} | "
@@ -72,7 +72,7 @@ def write_readme(records: list[dict]) -> str:
                          f"{_fmt(res['torch_compile']['tokens_per_s'])} | {res['ratio_vs_eager']:.2f}x | "
                          f"{res['ratio_vs_compile']:.2f}x | {res['jaxllm']['eval_loss']:.3f} / "
                          f"{res['torch_eager']['eval_loss']:.3f} / {res['torch_compile']['eval_loss']:.3f} "
-                         f"({res['steps']}) | {res['torch_version']} | {r['date']} |")
+                         f"({res['steps']}) | {res['torch_version']} | {r.get('git_commit', '-')} | {r['date']} |")
         lines.append("")
     if "data" in by_suite:
         lines += ["## data (input pipeline)", "", "| source | batch x seq | pipeline tokens/s | tiny model consumes tokens/s | "

@@ -235,6 +235,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 class ObjectiveConfig:
     name: str = "causal_lm"  # a key of objectives.LOSSES
     z_loss: float = 0.0
+    # causal_lm / sft / masked_lm: tokens per chunk of the fused LM-head + cross-entropy (jaxllm.xent),
+    # which never materialises [B, T, V] logits; 0 = plain logits path
+    xent_chunk_tokens: int = 512
     mask_prob: float = 0.15  # masked_lm: fraction of tokens selected
     margin: float = 0.0  # reward model: Bradley-Terry margin
     center_coef: float = 0.0  # reward model: weight of the mean(r)^2 centering term
@@ -250,6 +253,8 @@ class ObjectiveConfig:
         if self.name not in LOSSES:
             raise ConfigError(f"objective.name={self.name!r} is not a known loss" +
                               _suggest(self.name, LOSSES) + f" (known: {', '.join(sorted(LOSSES))})")
+        if self.xent_chunk_tokens < 0:
+            raise ConfigError(f"objective.xent_chunk_tokens={self.xent_chunk_tokens} must be >= 0 (0 = plain logits)")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"objective.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5:

@@ -73,12 +73,13 @@ def test_adaptive_kl_controller_tracks_target(sft, reward_model, tmp_path):
     assert abs(ctl.coef - 0.11 * (1 - 0.1)) < 1e-12
     rm, _ = reward_model
     target = 1.0
-    out, _ = _ppo(tmp_path, sft, rm, f"rl.target_kl={target}", "rl.kl_horizon=64", "rl.kl_coef=0.05")
+    out, _ = _ppo(tmp_path, sft, rm, f"rl.target_kl={target}", "rl.kl_horizon=16", "rl.kl_coef=0.05")
     roll = _rollouts(out)
     for a, b in zip(roll, roll[1:]):  # the coefficient moves towards the target every rollout
         assert np.sign(b["kl_coef"] - a["kl_coef"]) == np.sign(a["kl"] - target)
     assert roll[-1]["kl_coef"] > roll[0]["kl_coef"]  # KL ran above target, so the penalty grew
-    assert np.mean([r["kl"] for r in roll[-4:]]) < 3 * target, [r["kl"] for r in roll]
+    kls = [r["kl"] for r in roll]  # the grown penalty pulls KL back down from its peak
+    assert max(kls) > target and kls[-1] < 0.75 * max(kls[1:-1]), kls
 
 
 def test_label_writes_preferences_an_rm_trains_on(sft, reward_model, tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""Fused LM-head + cross-entropy: the [B, T, V] logits are never materialised.
+
+With a 32k vocabulary the head is most of a small model's work (for the 20.6M benchmark model,
+100 of 152 GFLOP per step) and its [B, T, V] float32 logits are the largest activations (262 MB
+at batch 8 x 256). The plain path writes them, reads them for log-sum-exp and argmax, writes the
+softmax gradient and reads it twice more. Here the tokens go through the head in chunks along the
+sequence axis (batch sharding is kept), and because the loss is the last node of the graph the
+gradient is computed in the same pass (as in Liger-kernel's fused linear cross-entropy): per chunk
+    logits = h_c W;  p = softmax(logits);  dlogits = w (p (1 + 2 z lse) - onehot(target))
+    dh_c = dlogits W^T;  dW += dlogits^T h_c
+so the backward only scales the stored dh and dW by the incoming cotangent. Same FLOPs as the
+plain forward + backward, no recomputation. Measured on the 2-core CPU (20.6M model): the head +
+loss went from ~900 ms to ~640 ms per step.
+
+Only the returned loss is differentiable; the metric sums are wrapped in stop_gradient. A token's
+prediction counts as correct when its target logit equals the row maximum (ties count as correct;
+an argmax over 32k columns costs ~140 ms per step on CPU).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+
+def chunk_length(batch: int, seq: int, chunk_tokens: int) -> int:
+    """Largest divisor of `seq` with batch x length <= chunk_tokens (at least 1)."""
+    want = max(1, chunk_tokens // max(batch, 1))
+    return max(c for c in range(1, seq + 1) if seq % c == 0 and c <= want) if want < seq else seq
+
+
+def fused_xent(h, w, targets, weights, z_loss: float = 0.0, chunk_tokens: int = 512):
+    """h [B, T, D] final hidden states, w [D, V] head weight (compute dtype), targets [B, T] int,
+    weights [B, T] float (the loss mask) -> dict of scalars:
+    loss = sum(weights * nll) + z_loss * sum(weights * lse^2)  (differentiable w.r.t. h and w),
+    nll, z (sum of weights * lse^2) and correct (stop_gradient)."""
+    length = chunk_length(h.shape[0], h.shape[1], chunk_tokens)
+    loss, sums = _fused(h, w, targets, weights.astype(jnp.float32), float(z_loss), length)
+    nll, z, correct = (lax.stop_gradient(s) for s in sums)
+    return {"loss": loss, "nll": nll, "z": z, "correct": correct}
+
+
+def _chunk(hc, w, tc, wc, z_loss, need_dh, need_dw):
+    """One chunk: hc [B, C, D], tc/wc [B, C] -> ((nll, z, correct) sums, dh [B, C, D] | None,
+    dW^T [V, D] | None). Computed as 2-D [B*C, ...] matmuls (see model.dense for why)."""
+    shape = hc.shape
+    hc, tc, wc = hc.reshape(-1, shape[-1]), tc.reshape(-1), wc.reshape(-1)  # [N, D], [N], [N]
+    logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)  # [N, V]
+    m = logits.max(-1)
+    e = jnp.exp(logits - m[:, None])
+    s = e.sum(-1)
+    lse = m + jnp.log(s)
+    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    sums = (((lse - target_logit) * wc).sum(), (lse * lse * wc).sum(), ((target_logit >= m) * wc).sum())
+    if not (need_dh or need_dw):
+        return sums, None, None
+    coef = wc * (1.0 + 2.0 * z_loss * lse) / s  # softmax scale and z-loss term per row
+    onehot = jax.nn.one_hot(tc, w.shape[1], dtype=jnp.float32)
+    dlogits = (e * coef[:, None] - onehot * wc[:, None]).astype(w.dtype)  # [N, V]
+    dh = None
+    if need_dh:
+        dh = lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dh = dh.astype(hc.dtype).reshape(shape)
+    # [V, D] = dlogits^T h: on XLA:CPU this orientation runs ~1.5x faster than [D, V] for chunks
+    dwt = lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32) \
+        if need_dw else None
+    return sums, dh, dwt
+
+
+def _run(h, w, targets, weights, z_loss, length, need_dh, need_dw):
+    B, T, D = h.shape
+    n = T // length
+
+    def split(x):  # [B, T, ...] -> [n, B, C, ...]: chunks along the sequence keep batch sharding
+        return jnp.moveaxis(x.reshape(B, n, length, *x.shape[2:]), 1, 0)
+
+    def body(carry, xs):
+        sums, dwt = carry
+        s, dh, dwt_c = _chunk(*xs[:1], w, *xs[1:], z_loss, need_dh, need_dw)
+        sums = tuple(a + b for a, b in zip(sums, s))
+        return (sums, dwt + dwt_c if need_dw else dwt), dh
+
+    zero = jnp.zeros((), jnp.float32)
+    dwt0 = jnp.zeros(w.shape[::-1], jnp.float32) if need_dw else None
+    (sums, dwt), dh = lax.scan(body, ((zero, zero, zero), dwt0), (split(h), split(targets), split(weights)))
+    if need_dh:
+        dh = jnp.moveaxis(dh, 0, 1).reshape(B, T, D)
+    return (sums[0] + z_loss * sums[1], sums), dh, None if dwt is None else dwt.T.astype(w.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(h, w, targets, weights, z_loss, length):
+    return _run(h, w, targets, weights, z_loss, length, False, False)[0]
+
+
+def _fused_fwd(h, w, targets, weights, z_loss, length):
+    # symbolic_zeros: `.perturbed` says whether h / w are being differentiated (frozen heads skip dW)
+    out, dh, dw = _run(h.value, w.value, targets.value, weights.value, z_loss, length, h.perturbed, w.perturbed)
+    return out, (dh, dw)
+
+
+def _fused_bwd(z_loss, length, res, g):
+    dh, dw = res
+    g_loss = g[0]
+    if isinstance(g_loss, SymbolicZero):
+        return (None, None, None, None)
+    return (None if dh is None else dh * g_loss.astype(dh.dtype),
+            None if dw is None else dw * g_loss.astype(dw.dtype), None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
