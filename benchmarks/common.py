@@ -80,7 +80,9 @@ def write_record(suite: str, name: str, config: dict, results: dict, smoke: bool
 
 def load_records() -> list[dict]:
     recs = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+    def order(path):  # same-day runs in run order: x.json, x-run2.json, ...
+        return path if "-run" in path else path[:-len(".json")] + "-run1.json"
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json")), key=order):
         with open(path) as f:
             recs.append(json.load(f))
     return recs
