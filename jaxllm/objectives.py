@@ -104,7 +104,7 @@ def masked_lm_loss(model, batch, ctx: LossContext) -> LossOut:
     s = lm_token_loss(model, corrupted, batch["positions"], batch["segment_ids"], False, tokens, selected,
                       0.0, ctx.cfg.xent_chunk_tokens)
     n = selected.astype(jnp.float32).sum()
-    return LossOut(s["nll"], n, {"nll": (s["nll"], n), "accuracy": (s["correct"], n)})
+    return LossOut(s["loss"], n, {"nll": (s["nll"], n), "accuracy": (s["correct"], n)})  # metrics carry no gradient
 
 
 # SFT is next-token loss restricted to response tokens: the chat pipeline's loss_mask does that.
