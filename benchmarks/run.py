@@ -54,10 +54,15 @@ class Harness:
         self.shardings = state_shardings_for(ap, ar, self.opt, self.mesh, self.rules)
         self.state = init_state(make_model, nnx.Param, self.opt, self.shardings, seed=0)
         self.graphdef, self.sched = graphdef, schedule(opt, total_steps)
-        self.step_fn = make_train_step(graphdef, LOSSES["causal_lm"], ObjectiveConfig(), self.opt,
-                                       self.sched, seed=0, nan_policy="skip", extras={},
-                                       mesh=self.mesh, rules=self.rules, state_shardings=self.shardings)
+        self.step_fn = self.make_step(ObjectiveConfig())
         self.eval_fn = make_eval_step(graphdef, LOSSES["causal_lm"], ObjectiveConfig(), {}, self.mesh, self.rules, 0)
+
+    def make_step(self, objective):
+        from jaxllm.objectives import LOSSES
+        from jaxllm.trainer import make_train_step
+        return make_train_step(self.graphdef, LOSSES["causal_lm"], objective, self.opt, self.sched, seed=0,
+                               nan_policy="skip", extras={}, mesh=self.mesh, rules=self.rules,
+                               state_shardings=self.shardings)
 
     def put(self, batch, accum=1):
         from jaxllm.data.pipeline import to_global
@@ -70,13 +75,8 @@ class Harness:
     def xla_flops(self, batch) -> float:
         """XLA's cost analysis of this step, lowered with the fused LM head as one chunk: cost
         analysis counts a loop body once (jaxllm.plan.one_chunk_head)."""
-        from jaxllm.objectives import LOSSES
         from jaxllm.plan import one_chunk_head
-        from jaxllm.trainer import make_train_step
-        tokens = int(np.prod(batch["inputs"].shape))
-        step_fn = make_train_step(self.graphdef, LOSSES["causal_lm"], one_chunk_head(ObjectiveConfig(), tokens),
-                                  self.opt, self.sched, seed=0, nan_policy="skip", extras={}, mesh=self.mesh,
-                                  rules=self.rules, state_shardings=self.shardings)
+        step_fn = self.make_step(one_chunk_head(ObjectiveConfig(), int(np.prod(batch["inputs"].shape))))
         compiled = step_fn.lower(self.state, batch, None).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -218,7 +218,8 @@ class Attention(nnx.Module):
 @jax.custom_vjp
 def swiglu(gate, up):
     """silu(gate) * up. The custom backward keeps only the two inputs and recomputes the sigmoid
-    in one fused pass (autodiff saved sigmoid and silu too: three [B, T, F] passes on CPU)."""
+    in one elementwise pass (autodiff also kept sigmoid(gate) and silu(gate) alive); ~1% of the
+    20.6M CPU peer step, measured A/B in one process."""
     return jax.nn.silu(gate) * up
 
 

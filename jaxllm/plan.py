@@ -346,8 +346,8 @@ def xla_flops_per_step(cfg: RunConfig) -> float:
     """XLA's HLO cost analysis of the real step, made exact for loops.
 
     Cost analysis counts a while-loop body once, so the scanned layers, the grad-accumulation
-    loop and the fused LM head's chunk loop would be undercounted (the head is lowered as one chunk). Instead the step is lowered (not compiled) unscanned on one CPU
-    device with 1 and 2 layers, for one micro-batch b and (with grad_accum A > 1) for 2b. FLOPs are
+    loop and the fused LM head's chunk loop would be undercounted. Instead the step is lowered (not
+    compiled) unscanned, with the head in one chunk, on one CPU device with 1 and 2 layers, for one micro-batch b and (with grad_accum A > 1) for 2b. FLOPs are
     linear in layers and in batch, so with f(n, b) those counts:
       micro(n) = f(n, 2b) - f(n, b)       (forward + backward of one micro-batch, n layers)
       update(n) = f(n, b) - micro(n)      (once per step: clipping, optimizer, NaN guard)

@@ -25,6 +25,7 @@ BAD = [
     (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
     (["objective.name=causal"], "did you mean 'causal_lm'"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be > 0"),
+    (["objective.xent_chunk_tokens=-8"], "objective.xent_chunk_tokens=-8 must be >= 0"),
     (["mesh.rules.mlpp=tensor"], "unknown logical axis 'mlpp'; did you mean 'mlp'"),
     (["mesh.rules.mlp=fsdpp"], "mesh axes are data, fsdp, tensor"),
     (["model.vocab_size=100"], "raise model.vocab_size to at least 1024"),
