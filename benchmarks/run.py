@@ -2,7 +2,8 @@
 
 Suites: train (step time, tokens/s/device, MFU; FLOPs by formula cross-checked with XLA's cost
 analysis), data (input-pipeline tokens/s vs the tiny model's consumption), checkpoint (save,
-restore, async-save slowdown), peer (jaxllm vs nanoGPT-style PyTorch eager and torch.compile on
+restore, async-save slowdown), posttrain (DPO/GRPO/PPO steps, chunked log-prob head vs plain
+logits: time and temporary memory), peer (jaxllm vs nanoGPT-style PyTorch eager and torch.compile on
 the same model, data, batch and machine, in one run), table (rewrite benchmarks/README.md).
 Each suite writes a JSON record to benchmarks/results/ (not with --smoke, which CI runs).
 """
@@ -38,30 +39,34 @@ TINY_MODEL = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_head
 class Harness:
     """A jaxllm train step for a model config on a mesh, fed with fixed batches."""
 
-    def __init__(self, model_kw: dict, mesh: MeshConfig, opt: OptimizerConfig, total_steps: int = 1000):
+    def __init__(self, model_kw: dict, mesh: MeshConfig, opt: OptimizerConfig, total_steps: int = 1000,
+                 loss: str = "causal_lm", extras: dict | None = None):
         from flax import nnx
         from jaxllm.model import Transformer
         from jaxllm.objectives import LOSSES
         from jaxllm.optim import make_optimizer, schedule
+        from jaxllm.rl import ActorCritic
         from jaxllm.sharding import make_mesh, make_rules
-        from jaxllm.trainer import (abstract_model, init_state, make_eval_step, make_train_step,
-                                    state_shardings_for)
+        from jaxllm.trainer import abstract_model, init_state, make_eval_step, state_shardings_for
         self.model_cfg = ModelConfig(**model_kw)
         self.mesh, self.rules = make_mesh(mesh), make_rules()
-        make_model = lambda r: Transformer(self.model_cfg, r)
+        self.loss, self.extras = loss, extras or {}
+        model_cls = ActorCritic if loss == "ppo" else Transformer
+        make_model = lambda r: model_cls(self.model_cfg, r)
         graphdef, ap, ar = abstract_model(make_model, nnx.Param)
         self.opt = make_optimizer(opt, total_steps)
         self.shardings = state_shardings_for(ap, ar, self.opt, self.mesh, self.rules)
         self.state = init_state(make_model, nnx.Param, self.opt, self.shardings, seed=0)
         self.graphdef, self.sched = graphdef, schedule(opt, total_steps)
-        self.step_fn = self.make_step(ObjectiveConfig())
-        self.eval_fn = make_eval_step(graphdef, LOSSES["causal_lm"], ObjectiveConfig(), {}, self.mesh, self.rules, 0)
+        self.step_fn = self.make_step(ObjectiveConfig(name=loss))
+        self.eval_fn = make_eval_step(graphdef, LOSSES[loss], ObjectiveConfig(name=loss), self.extras, self.mesh,
+                                      self.rules, 0)
 
     def make_step(self, objective):
         from jaxllm.objectives import LOSSES
         from jaxllm.trainer import make_train_step
-        return make_train_step(self.graphdef, LOSSES["causal_lm"], objective, self.opt, self.sched, seed=0,
-                               nan_policy="skip", extras={}, mesh=self.mesh, rules=self.rules,
+        return make_train_step(self.graphdef, LOSSES[self.loss], objective, self.opt, self.sched, seed=0,
+                               nan_policy="skip", extras=self.extras, mesh=self.mesh, rules=self.rules,
                                state_shardings=self.shardings)
 
     def put(self, batch, accum=1):
@@ -284,6 +289,53 @@ def suite_peer(args):
     print(f"peer ratio: {results['ratio_vs_eager']:.2f}x eager, {results['ratio_vs_compile']:.2f}x torch.compile")
 
 
+def posttrain_batch(loss: str, batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    """A DPO batch ([batch, 2, seq], reference log-probs precomputed into it, as with
+    objective.precompute_ref) or a GRPO/PPO rollout batch ([batch, seq], 3/4 of each row completion)."""
+    rng = np.random.default_rng(seed)
+    lead = (batch, 2) if loss == "dpo" else (batch,)
+    toks = rng.integers(0, vocab, (*lead, seq + 1), dtype=np.int32)
+    mask = np.zeros((*lead, seq), np.int32)
+    mask[..., seq // 4:] = 1
+    out = {"inputs": toks[..., :-1], "targets": toks[..., 1:], "segment_ids": np.ones((*lead, seq), np.int32),
+           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (*lead, seq)).copy(), "loss_mask": mask}
+    if loss == "dpo":
+        out["ref_logps"] = (rng.standard_normal(lead) - 2000.0).astype(np.float32)
+    else:
+        noise = lambda: (rng.standard_normal((batch, seq)) * 0.1).astype(np.float32)
+        out.update(old_logps=noise() - 10.4, ref_logps=noise() - 10.4, advantages=noise() * 10 * mask,
+                   old_values=noise(), returns=noise())
+    return out
+
+
+def suite_posttrain(args):
+    """DPO / GRPO / PPO train steps with the chunked log-prob head (objective.xent_chunk_tokens=512)
+    vs the plain [B, T, V] logits path (0): step time and XLA's temporary memory of the compiled step."""
+    import dataclasses
+    from jaxllm.config import RLConfig
+    model_kw = dict(PEER_MODEL, n_layers=1, vocab_size=2048) if args.smoke else PEER_MODEL
+    seq = 64 if args.smoke else 256
+    losses = {"dpo": 4, "grpo": 8, "ppo": 8}  # batch rows: DPO 4 pairs = 8 sequences, like the others
+    for loss, batch in losses.items():
+        h = Harness(model_kw, _mesh_from(args), OptimizerConfig(lr=1e-6), loss=loss, extras={"rl": RLConfig()})
+        b = h.put(posttrain_batch(loss, batch, seq, h.model_cfg.vocab_size))
+        res = {}
+        for chunk in (512, 0):
+            h.step_fn = h.make_step(dataclasses.replace(ObjectiveConfig(name=loss), xent_chunk_tokens=chunk))
+            mem = h.step_fn.lower(h.state, b, None).compile().memory_analysis()
+            times = timed(lambda: jax.block_until_ready(h.step(b)["loss"]), args.repeats, args.warmup)
+            res[f"chunk_{chunk}"] = {"step_time_s": median(times), "times": times,
+                                     "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None}
+        res["speedup"] = res["chunk_0"]["step_time_s"] / res["chunk_512"]["step_time_s"]
+        t0, t1 = res["chunk_0"]["temp_bytes"], res["chunk_512"]["temp_bytes"]
+        res["temp_ratio"] = t1 / t0 if t0 and t1 else None
+        write_record("posttrain", f"{loss}-{'smoke' if args.smoke else 'peer-20m'}",
+                     {"model": model_kw, "loss": loss, "batch": batch, "seq": seq, "mesh": args.mesh}, res, args.smoke)
+        print(f"posttrain {loss}: chunked {res['chunk_512']['step_time_s'] * 1e3:.0f} ms/step, "
+              f"{(t1 or 0) / 2**20:.0f} MiB temporaries; plain {res['chunk_0']['step_time_s'] * 1e3:.0f} ms/step, "
+              f"{(t0 or 0) / 2**20:.0f} MiB")
+
+
 def _host_copy_bandwidth() -> float:
     """Bytes/s of a large host memory copy (read + write): the CPU's practical bandwidth roof."""
     import numpy as np
@@ -354,7 +406,7 @@ def suite_table(args):
 
 
 SUITES = {"train": suite_train, "data": suite_data, "checkpoint": suite_checkpoint, "peer": suite_peer,
-          "rollout": suite_rollout, "table": suite_table}
+          "rollout": suite_rollout, "posttrain": suite_posttrain, "table": suite_table}
 
 
 def main(argv=None):
@@ -372,7 +424,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 2, 1
-    for name in (["train", "data", "checkpoint", "rollout", "peer"] if args.suite == "all" else [args.suite]):
+    for name in (["train", "data", "checkpoint", "rollout", "posttrain", "peer"] if args.suite == "all"
+                 else [args.suite]):
         SUITES[name](args)
 
 

@@ -28,6 +28,12 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   On CPU the "roof" is a DRAM copy, while small models' weights partly stay in the L2/L3 caches, so
   the fraction can exceed 100% there; it is a meaningful roofline only on GPU/TPU (spec-sheet HBM).
   "Full recompute" is the no-cache reference sampler (`jaxllm.inference._sample`) on the same job.
+- **posttrain**: one DPO / GRPO / PPO train step of the 20.6M peer model (DPO: 4 pairs, reference
+  log-probs precomputed into the batch; GRPO/PPO: 8 rollout rows, PPO with its critic) with the
+  chunked log-prob head (`objective.xent_chunk_tokens=512`, `jaxllm.xent.token_logps`) and with the
+  plain [B, T, V] logits path (`0`). "temp" is XLA's temporary memory of the compiled step
+  (`compiled.memory_analysis().temp_size_in_bytes`): what the logits cost on any device; the
+  saving grows with vocabulary x tokens.
 - **GPU**: no GPU was available to the sessions that produced these records; GPU rows will appear
   here when measured.
 - **peer, day to day**: machines of this kind ("AMD EPYC", 2 cores, AVX-512) differ from day to
@@ -79,6 +85,19 @@ def write_readme(records: list[dict]) -> str:
                          f"{res['ratio_vs_compile']:.2f}x | {res['jaxllm']['eval_loss']:.3f} / "
                          f"{res['torch_eager']['eval_loss']:.3f} / {res['torch_compile']['eval_loss']:.3f} "
                          f"({res['steps']}) | {res['torch_version']} | {r.get('git_commit', '-')} | {r['date']} |")
+        lines.append("")
+    if "posttrain" in by_suite:
+        lines += ["## posttrain (chunked log-prob head vs plain [B, T, V] logits)", "",
+                  "| loss | batch x seq | device | chunked ms/step | plain ms/step | speedup | chunked temp MiB | "
+                  "plain temp MiB | temp ratio | commit | date |", "|" + "---|" * 11]
+        for r in by_suite["posttrain"]:
+            res, c = r["results"], r["config"]
+            rows = f"{c['batch']}x2" if c["loss"] == "dpo" else str(c["batch"])
+            lines.append(f"| {c['loss']} | {rows}x{c['seq']} | {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores) | "
+                         f"{res['chunk_512']['step_time_s'] * 1e3:.0f} | {res['chunk_0']['step_time_s'] * 1e3:.0f} | "
+                         f"{res['speedup']:.2f}x | {res['chunk_512']['temp_bytes'] / 2**20:,.0f} | "
+                         f"{res['chunk_0']['temp_bytes'] / 2**20:,.0f} | {_fmt(res['temp_ratio'], 2)} | "
+                         f"{r.get('git_commit', '-')} | {r['date']} |")
         lines.append("")
     if "data" in by_suite:
         lines += ["## data (input pipeline)", "", "| source | batch x seq | pipeline tokens/s | tiny model consumes tokens/s | "

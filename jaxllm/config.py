@@ -235,8 +235,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 class ObjectiveConfig:
     name: str = "causal_lm"  # a key of objectives.LOSSES
     z_loss: float = 0.0
-    # causal_lm / sft / masked_lm: tokens per chunk of the fused LM-head + cross-entropy (jaxllm.xent),
-    # which never materialises [B, T, V] logits; 0 = plain logits path
+    # tokens per chunk of the LM head (jaxllm.xent), which then never materialises [B, T, V] logits:
+    # fused head + cross-entropy for causal_lm / sft / masked_lm, chunked log-probs for dpo / grpo /
+    # ppo and rollout scoring; 0 = plain logits path
     xent_chunk_tokens: int = 512
     mask_prob: float = 0.15  # masked_lm: fraction of tokens selected
     margin: float = 0.0  # reward model: Bradley-Terry margin

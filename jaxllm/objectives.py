@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.xent import fused_xent
+from jaxllm.xent import fused_xent, token_logps
 
 
 class LossOut(NamedTuple):
@@ -142,9 +142,20 @@ def reward_bt_loss(model, batch, ctx: LossContext) -> LossOut:
                                  "reward_mean": (r.sum(), jnp.float32(r.size))})
 
 
-def policy_logps(model, flat):
-    logits = model(flat["inputs"], flat["positions"], flat["segment_ids"], causal=True)
-    return sequence_logprobs(logits, flat["targets"], flat["loss_mask"])
+def lm_token_logps(model, batch, temperature: float = 1.0, chunk_tokens: int = 512):
+    """-> (log-prob of each target [B, T], entropy [B, T]) of the causal LM `model` on `batch`
+    (inputs, positions, segment_ids, targets). Through the chunked head (jaxllm.xent.token_logps),
+    which never holds [B, T, V] logits, unless chunk_tokens=0."""
+    h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], True)  # [B, T, D]
+    if chunk_tokens > 0:
+        return token_logps(h, model.head_weight(), batch["targets"], temperature, chunk_tokens)
+    return token_logps_and_entropy(model.logits(h), batch["targets"], temperature)
+
+
+def policy_logps(model, flat, chunk_tokens: int = 512):
+    """[N, T] batch -> [N] summed log-probs of the loss_mask targets."""
+    logps, _ = lm_token_logps(model, flat, 1.0, chunk_tokens)
+    return (logps * flat["loss_mask"].astype(jnp.float32)).sum(-1)
 
 
 @register_loss("dpo")
@@ -152,13 +163,13 @@ def dpo_objective(model, batch, ctx: LossContext) -> LossOut:
     """DPO/IPO on (chosen, rejected) = completions 0 and 1 of each example. The reference is the
     frozen SFT model (ctx.frozen["reference"]) or log-probs precomputed into the batch."""
     flat, B, K = _flat_k(batch)
-    logps = policy_logps(model, flat).reshape(B, K)
+    logps = policy_logps(model, flat, ctx.cfg.xent_chunk_tokens).reshape(B, K)
     if "ref_logps" in batch:
         ref = batch["ref_logps"]
     else:
         from flax import nnx
         ref_model = nnx.merge(nnx.graphdef(model), ctx.frozen["reference"])
-        ref = jax.lax.stop_gradient(policy_logps(ref_model, flat).reshape(B, K))
+        ref = jax.lax.stop_gradient(policy_logps(ref_model, flat, ctx.cfg.xent_chunk_tokens).reshape(B, K))
     losses, r_c, r_r = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], ctx.cfg.beta,
                                 ctx.cfg.label_smoothing, ctx.cfg.loss_type)
     n = jnp.float32(B)
@@ -321,8 +332,7 @@ def _rl_metrics(batch, logps, entropy, was_clipped, m):
 def grpo_loss(model, batch, ctx: LossContext) -> LossOut:
     """Clipped policy loss with group-relative advantages + beta * KL(policy || reference)."""
     rl = ctx.extras["rl"]
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], causal=True)
-    logps, entropy = token_logps_and_entropy(logits, batch["targets"], rl.temperature)
+    logps, entropy = lm_token_logps(model, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
     pg, was_clipped = _clipped_pg(logps, batch["old_logps"], batch["advantages"], rl.clip_low, rl.clip_high)
     kl = kl_penalty(logps, batch["ref_logps"], rl.kl_estimator)
     per_tok = pg + rl.kl_coef * kl if rl.kl_coef else pg
@@ -335,8 +345,8 @@ def grpo_loss(model, batch, ctx: LossContext) -> LossOut:
 def ppo_loss(model, batch, ctx: LossContext) -> LossOut:
     """Actor-critic: clipped policy loss + vf_coef * clipped value loss (model = rl.ActorCritic)."""
     rl = ctx.extras["rl"]
-    logits, values = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logps, entropy = token_logps_and_entropy(logits, batch["targets"], rl.temperature)
+    logps, entropy = lm_token_logps(model.actor, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
+    values = model.critic.scores(batch["inputs"], batch["positions"], batch["segment_ids"])
     pg, was_clipped = _clipped_pg(logps, batch["old_logps"], batch["advantages"], rl.clip_low, rl.clip_high)
     vl = _value_terms(values, batch["old_values"], batch["returns"], rl.value_clip)
     m = batch["loss_mask"].astype(jnp.float32)

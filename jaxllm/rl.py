@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, RLConfig, RunConfig
 from jaxllm.model import ScalarHeadModel, Transformer
-from jaxllm.objectives import gae, group_advantages, kl_penalty, token_logps_and_entropy
+from jaxllm.objectives import gae, group_advantages, kl_penalty, lm_token_logps
 from jaxllm.sampler import generate_ids
 from jaxllm.sharding import batch_sharding, use_mesh_rules
 
@@ -87,13 +87,14 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-@partial(jax.jit, static_argnames=("temperature",))
-def _teacher_forced(graphdef, state, batch, temperature: float = 1.0):
+@partial(jax.jit, static_argnames=("temperature", "chunk_tokens"))
+def _teacher_forced(graphdef, state, batch, temperature: float = 1.0, chunk_tokens: int = 512):
     """Token log-probs at the sampling temperature (+ values for an actor-critic) at every target."""
     model = nnx.merge(graphdef, state)
-    out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logits, values = out if isinstance(out, tuple) else (out, None)
-    logps, _ = token_logps_and_entropy(logits, batch["targets"], temperature)
+    values = None
+    if isinstance(model, ActorCritic):
+        model, values = model.actor, model.critic.scores(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logps, _ = lm_token_logps(model, batch, temperature, chunk_tokens)
     return logps, values
 
 
@@ -176,8 +177,9 @@ class ExperienceIterator:
         scores, parts = ctx.rewards(texts, completions, refs, dev, lengths, finished)
 
         with use_mesh_rules(ctx.mesh, ctx.rules):
-            old_logps, values = _teacher_forced(ctx.graphdef, params, dev, rl.temperature)
-            ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev, rl.temperature)
+            chunk = cfg.objective.xent_chunk_tokens
+            old_logps, values = _teacher_forced(ctx.graphdef, params, dev, rl.temperature, chunk)
+            ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev, rl.temperature, chunk)
         old_logps, ref_logps = _host(old_logps), _host(ref_logps)
         m = batch["loss_mask"].astype(np.float32)
         tok_kl = np.asarray(kl_penalty(old_logps, ref_logps, rl.kl_estimator)) * m
@@ -259,8 +261,9 @@ def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
                                 completions, [str(r["answer"]) for r in records] + [""] * pad,
                                 dev, mask.sum(1), finished)
     with use_mesh_rules(ctx.mesh, ctx.rules):
-        logps, _ = _teacher_forced(pol_graphdef, pol_state, dev)
-        ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev)
+        chunk = ctx.cfg.objective.xent_chunk_tokens
+        logps, _ = _teacher_forced(pol_graphdef, pol_state, dev, 1.0, chunk)
+        ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev, 1.0, chunk)
     m = batch["loss_mask"]
     kl = ((_host(logps) - _host(ref_logps)) * m).sum(1)[:n]
     return {"eval_reward": float(scores[:n].mean()), "eval_kl": float(kl.mean()),

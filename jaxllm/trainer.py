@@ -155,7 +155,8 @@ def evaluate(eval_step, state: TrainState, batches: list, frozen=None) -> dict:
 
 
 # ---- the run -------------------------------------------------------------------------------
-def precompute_reference_logps(graphdef, reference, pipeline, mesh, rules, chunk: int = 64) -> None:
+def precompute_reference_logps(graphdef, reference, pipeline, mesh, rules, chunk: int = 64,
+                               xent_chunk_tokens: int = 512) -> None:
     """DPO speed option: reference log-probs of every (chosen, rejected) pair computed once and
     stored in the examples (`ref_logps` [K]), so the train step runs no reference forward pass."""
     from jaxllm.objectives import _flat_k, policy_logps
@@ -164,7 +165,7 @@ def precompute_reference_logps(graphdef, reference, pipeline, mesh, rules, chunk
     def logps(batch):
         with use_mesh_rules(mesh, rules):
             flat, B, K = _flat_k(batch)
-            return policy_logps(nnx.merge(graphdef, reference), flat).reshape(B, K)
+            return policy_logps(nnx.merge(graphdef, reference), flat, xent_chunk_tokens).reshape(B, K)
 
     def fill(examples):
         for i in range(0, len(examples), chunk):
@@ -346,7 +347,8 @@ class Trainer:
         state, data_state, parent = self.initial_state()
         frozen = self.reference(state, resumed=data_state is not None)
         if frozen is not None and cfg.objective.precompute_ref:
-            precompute_reference_logps(self.graphdef, frozen["reference"], stage.pipeline, self.mesh, self.rules)
+            precompute_reference_logps(self.graphdef, frozen["reference"], stage.pipeline, self.mesh, self.rules,
+                                       xent_chunk_tokens=cfg.objective.xent_chunk_tokens)
             frozen = None  # the batches carry ref_logps; no reference model in the step
         start = int(jax.device_get(state.step))
         stop_at = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)

@@ -15,6 +15,9 @@ the head + loss went from ~900 ms to ~600 ms per step.
 Only the returned loss is differentiable; the metric sums are wrapped in stop_gradient. A token's
 prediction counts as correct when its target logit equals the row maximum (ties count as correct;
 an argmax over 32k columns costs ~140 ms per step on CPU).
+
+`token_logps` (bottom) is the chunked head for losses built from per-token log-probs (DPO, PPO,
+GRPO): it recomputes each chunk's logits in the backward instead.
 """
 
 from __future__ import annotations
@@ -113,3 +116,95 @@ def _fused_bwd(z_loss, length, res, g):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+# ---- per-token log-probs and entropies (DPO, PPO, GRPO, rollout scoring) --------------------------
+# These losses are not linear in the per-token values (DPO sums them per sequence and passes them
+# through log-sigmoid; PPO through clipped ratios), so dW cannot be finished in the forward pass.
+# Instead the forward keeps only lse and the mean logit per token, and the backward recomputes each
+# chunk's logits: one more head matmul (4 instead of 3) for never holding [B, T, V] logits.
+def token_logps(h, w, targets, temperature: float = 1.0, chunk_tokens: int = 512):
+    """h [B, T, D], w [D, V], targets [B, T] -> (log-prob of each target [B, T], entropy [B, T]),
+    both float32, under softmax(h w / temperature) (temperature <= 0 or 1 = unscaled). Equal to
+    objectives.token_logps_and_entropy(logits, ...) but computed in token chunks; both outputs are
+    differentiable w.r.t. h and w."""
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    return _logps(h, w, targets, float(scale), chunk_length(h.shape[0], h.shape[1], chunk_tokens))
+
+
+def _split(x, length):
+    """[B, T, ...] -> [T / length, B, length, ...]: chunks along the sequence keep batch sharding."""
+    B, T = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, T // length, length, *x.shape[2:]), 1, 0)
+
+
+def _unsplit(x):
+    n, B, C = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
+
+
+def _scaled_logits(hc, w, scale):
+    """hc [B, C, D] -> float32 logits [B*C, V] at the sampling temperature."""
+    z = jnp.dot(hc.reshape(-1, hc.shape[-1]), w, preferred_element_type=jnp.float32)
+    return z * scale if scale != 1.0 else z
+
+
+def _logps_fwd_chunks(h, w, targets, scale, length):
+    def body(_, xs):
+        hc, tc = xs
+        z = _scaled_logits(hc, w, scale)  # [N, V]
+        m = z.max(-1)
+        e = jnp.exp(z - m[:, None])
+        s = e.sum(-1)
+        lse = m + jnp.log(s)
+        mean_z = (e * z).sum(-1) / s  # E_p[z]; entropy = lse - E_p[z]
+        tz = jnp.take_along_axis(z, tc.reshape(-1, 1), axis=-1)[:, 0]
+        return None, tuple(x.reshape(tc.shape) for x in (tz - lse, lse - mean_z, lse))
+
+    _, out = lax.scan(body, None, (_split(h, length), _split(targets, length)))
+    return tuple(_unsplit(x) for x in out)  # logp, entropy, lse: [B, T]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logps(h, w, targets, scale, length):
+    return _logps_fwd_chunks(h, w, targets, scale, length)[:2]
+
+
+def _logps_fwd(h, w, targets, scale, length):
+    logp, ent, lse = _logps_fwd_chunks(h.value, w.value, targets.value, scale, length)
+    return (logp, ent), (h.value, w.value, targets.value, ent, lse, h.perturbed, w.perturbed)
+
+
+def _logps_bwd(scale, length, res, g):
+    h, w, targets, ent, lse, need_dh, need_dw = res
+    g_logp, g_ent = g
+    use_logp, use_ent = not isinstance(g_logp, SymbolicZero), not isinstance(g_ent, SymbolicZero)
+    if not (use_logp or use_ent) or not (need_dh or need_dw):
+        return (None, None, None)
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    g_logp = g_logp if use_logp else zeros
+    g_ent = g_ent if use_ent else zeros
+
+    def body(dwt, xs):
+        hc, tc, gl, ge, ent_c, lse_c = (x.reshape(-1, *x.shape[2:]) for x in xs)  # [N, ...]
+        z = _scaled_logits(hc[None], w, scale)
+        p = jnp.exp(z - lse_c[:, None])
+        # d logp / dz = onehot - p;  d entropy / dz = -p (z - E_p[z]),  E_p[z] = lse - entropy
+        dz = -p * gl[:, None]
+        if use_ent:
+            dz = dz - p * (z - (lse_c - ent_c)[:, None]) * ge[:, None]
+        dz = dz + jax.nn.one_hot(tc, w.shape[1], dtype=jnp.float32) * gl[:, None]
+        dz = (dz * scale if scale != 1.0 else dz).astype(w.dtype)  # through z = scale * h w
+        dh = lax.dot_general(dz, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) \
+            if need_dh else None
+        if need_dw:  # [V, D] orientation, as in _chunk
+            dwt = dwt + lax.dot_general(dz, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return dwt, None if dh is None else dh.astype(h.dtype).reshape(xs[0].shape)
+
+    dwt0 = jnp.zeros(w.shape[::-1], jnp.float32) if need_dw else None
+    xs = tuple(_split(x, length) for x in (h, targets, g_logp, g_ent, ent, lse))
+    dwt, dh = lax.scan(body, dwt0, xs)
+    return (None if dh is None else _unsplit(dh), None if dwt is None else dwt.T.astype(w.dtype), None)
+
+
+_logps.defvjp(_logps_fwd, _logps_bwd, symbolic_zeros=True)

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("suite", ["train", "data", "checkpoint", "rollout"])
+@pytest.mark.parametrize("suite", ["train", "data", "checkpoint", "rollout", "posttrain"])
 def test_suite_smoke(suite):
     env = dict(os.environ, XLA_FLAGS="")
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", suite, "--smoke"], cwd=ROOT, env=env,
