@@ -32,8 +32,9 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   log-probs precomputed into the batch; GRPO/PPO: 8 rollout rows, PPO with its critic) with the
   chunked log-prob head (`objective.xent_chunk_tokens=512`, `jaxllm.xent.token_logps`) and with the
   plain [B, T, V] logits path (`0`). "temp" is XLA's temporary memory of the compiled step
-  (`compiled.memory_analysis().temp_size_in_bytes`): what the logits cost on any device; the
-  saving grows with vocabulary x tokens.
+  (`compiled.memory_analysis().temp_size_in_bytes`, XLA:CPU's buffer assignment; other backends
+  assign buffers differently, but the [B, T, V] float32 logits and their gradient are what the
+  chunked head removes, and that saving grows with vocabulary x tokens).
 - **GPU**: no GPU was available to the sessions that produced these records; GPU rows will appear
   here when measured.
 - **peer, day to day**: machines of this kind ("AMD EPYC", 2 cores, AVX-512) differ from day to
@@ -56,6 +57,10 @@ def _fmt(v, digits=0):
     if isinstance(v, float):
         return f"{v:,.{digits}f}"
     return str(v)
+
+
+def _mib(n):
+    return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
 def write_readme(records: list[dict]) -> str:
@@ -95,8 +100,8 @@ def write_readme(records: list[dict]) -> str:
             rows = f"{c['batch']}x2" if c["loss"] == "dpo" else str(c["batch"])
             lines.append(f"| {c['loss']} | {rows}x{c['seq']} | {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores) | "
                          f"{res['chunk_512']['step_time_s'] * 1e3:.0f} | {res['chunk_0']['step_time_s'] * 1e3:.0f} | "
-                         f"{res['speedup']:.2f}x | {res['chunk_512']['temp_bytes'] / 2**20:,.0f} | "
-                         f"{res['chunk_0']['temp_bytes'] / 2**20:,.0f} | {_fmt(res['temp_ratio'], 2)} | "
+                         f"{res['speedup']:.2f}x | {_mib(res['chunk_512']['temp_bytes'])} | "
+                         f"{_mib(res['chunk_0']['temp_bytes'])} | {_fmt(res['temp_ratio'], 2)} | "
                          f"{r.get('git_commit', '-')} | {r['date']} |")
         lines.append("")
     if "data" in by_suite:

@@ -30,10 +30,37 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 
-def chunk_length(batch: int, seq: int, chunk_tokens: int) -> int:
-    """Largest divisor of `seq` with batch x length <= chunk_tokens (at least 1)."""
+def chunking(batch: int, seq: int, chunk_tokens: int) -> tuple[int, int]:
+    """-> (chunk length, number of chunks) along the sequence, with batch x length <= chunk_tokens
+    (length >= 1) and the least padding: the sequence is padded to length x chunks. Rollout
+    lengths (prompt + completion - 1) are often prime, so chunks cannot simply divide them."""
     want = max(1, chunk_tokens // max(batch, 1))
-    return max(c for c in range(1, seq + 1) if seq % c == 0 and c <= want) if want < seq else seq
+    n = -(-seq // want)
+    return -(-seq // n), n
+
+
+def _pad_seq(x, to: int):
+    """[B, T, ...] -> [B, to, ...] zero-padded along the sequence (zero weight / cotangent there)."""
+    return x if x.shape[1] == to else jnp.pad(x, [(0, 0), (0, to - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _split(x, length):
+    """[B, T, ...] -> [T / length, B, length, ...]: chunks along the sequence keep batch sharding."""
+    B, T = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, T // length, length, *x.shape[2:]), 1, 0)
+
+
+def _unsplit(x):
+    n, B, C = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
+
+
+def _lse_stats(z):
+    """float32 logits [N, V] -> (row max, exp(z - max), sum of those, log-sum-exp)."""
+    m = z.max(-1)
+    e = jnp.exp(z - m[:, None])
+    s = e.sum(-1)
+    return m, e, s, m + jnp.log(s)
 
 
 def fused_xent(h, w, targets, weights, z_loss: float = 0.0, chunk_tokens: int = 512):
@@ -41,8 +68,10 @@ def fused_xent(h, w, targets, weights, z_loss: float = 0.0, chunk_tokens: int = 
     weights [B, T] float (the loss mask) -> dict of scalars:
     loss = sum(weights * nll) + z_loss * sum(weights * lse^2)  (differentiable w.r.t. h and w),
     nll, z (sum of weights * lse^2) and correct (stop_gradient)."""
-    length = chunk_length(h.shape[0], h.shape[1], chunk_tokens)
-    loss, sums = _fused(h, w, targets, weights.astype(jnp.float32), float(z_loss), length)
+    length, n = chunking(h.shape[0], h.shape[1], chunk_tokens)
+    T = length * n  # padded positions carry weight 0: they add nothing to any sum or gradient
+    loss, sums = _fused(_pad_seq(h, T), w, _pad_seq(targets, T), _pad_seq(weights.astype(jnp.float32), T),
+                        float(z_loss), length)
     nll, z, correct = (lax.stop_gradient(s) for s in sums)
     return {"loss": loss, "nll": nll, "z": z, "correct": correct}
 
@@ -53,10 +82,7 @@ def _chunk(hc, w, tc, wc, z_loss, need_dh, need_dw):
     shape = hc.shape
     hc, tc, wc = hc.reshape(-1, shape[-1]), tc.reshape(-1), wc.reshape(-1)  # [N, D], [N], [N]
     logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)  # [N, V]
-    m = logits.max(-1)
-    e = jnp.exp(logits - m[:, None])
-    s = e.sum(-1)
-    lse = m + jnp.log(s)
+    m, e, s, lse = _lse_stats(logits)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     sums = (((lse - target_logit) * wc).sum(), (lse * lse * wc).sum(), ((target_logit >= m) * wc).sum())
     if not (need_dh or need_dw):
@@ -75,12 +101,6 @@ def _chunk(hc, w, tc, wc, z_loss, need_dh, need_dw):
 
 
 def _run(h, w, targets, weights, z_loss, length, need_dh, need_dw):
-    B, T, D = h.shape
-    n = T // length
-
-    def split(x):  # [B, T, ...] -> [n, B, C, ...]: chunks along the sequence keep batch sharding
-        return jnp.moveaxis(x.reshape(B, n, length, *x.shape[2:]), 1, 0)
-
     def body(carry, xs):
         sums, dwt = carry
         s, dh, dwt_c = _chunk(*xs[:1], w, *xs[1:], z_loss, need_dh, need_dw)
@@ -89,9 +109,10 @@ def _run(h, w, targets, weights, z_loss, length, need_dh, need_dw):
 
     zero = jnp.zeros((), jnp.float32)
     dwt0 = jnp.zeros(w.shape[::-1], jnp.float32) if need_dw else None
-    (sums, dwt), dh = lax.scan(body, ((zero, zero, zero), dwt0), (split(h), split(targets), split(weights)))
+    xs = tuple(_split(x, length) for x in (h, targets, weights))
+    (sums, dwt), dh = lax.scan(body, ((zero, zero, zero), dwt0), xs)
     if need_dh:
-        dh = jnp.moveaxis(dh, 0, 1).reshape(B, T, D)
+        dh = _unsplit(dh)
     return (sums[0] + z_loss * sums[1], sums), dh, None if dwt is None else dwt.T.astype(w.dtype)
 
 
@@ -129,18 +150,11 @@ def token_logps(h, w, targets, temperature: float = 1.0, chunk_tokens: int = 512
     objectives.token_logps_and_entropy(logits, ...) but computed in token chunks; both outputs are
     differentiable w.r.t. h and w."""
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    return _logps(h, w, targets, float(scale), chunk_length(h.shape[0], h.shape[1], chunk_tokens))
-
-
-def _split(x, length):
-    """[B, T, ...] -> [T / length, B, length, ...]: chunks along the sequence keep batch sharding."""
-    B, T = x.shape[:2]
-    return jnp.moveaxis(x.reshape(B, T // length, length, *x.shape[2:]), 1, 0)
-
-
-def _unsplit(x):
-    n, B, C = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
+    B, T = targets.shape
+    length, n = chunking(B, T, chunk_tokens)
+    # padded positions are sliced off, so their cotangents are 0 and they add nothing to dh or dW
+    logp, ent = _logps(_pad_seq(h, length * n), w, _pad_seq(targets, length * n), float(scale), length)
+    return logp[:, :T], ent[:, :T]
 
 
 def _scaled_logits(hc, w, scale):
@@ -153,10 +167,7 @@ def _logps_fwd_chunks(h, w, targets, scale, length):
     def body(_, xs):
         hc, tc = xs
         z = _scaled_logits(hc, w, scale)  # [N, V]
-        m = z.max(-1)
-        e = jnp.exp(z - m[:, None])
-        s = e.sum(-1)
-        lse = m + jnp.log(s)
+        _, e, s, lse = _lse_stats(z)
         mean_z = (e * z).sum(-1) / s  # E_p[z]; entropy = lse - E_p[z]
         tz = jnp.take_along_axis(z, tc.reshape(-1, 1), axis=-1)[:, 0]
         return None, tuple(x.reshape(tc.shape) for x in (tz - lse, lse - mean_z, lse))
@@ -172,11 +183,14 @@ def _logps(h, w, targets, scale, length):
 
 def _logps_fwd(h, w, targets, scale, length):
     logp, ent, lse = _logps_fwd_chunks(h.value, w.value, targets.value, scale, length)
-    return (logp, ent), (h.value, w.value, targets.value, ent, lse, h.perturbed, w.perturbed)
+    # which inputs need a gradient is kept in the residuals' structure (() or None), not as values
+    flags = tuple(() if x.perturbed else None for x in (h, w))
+    return (logp, ent), (h.value, w.value, targets.value, ent, lse, flags)
 
 
 def _logps_bwd(scale, length, res, g):
-    h, w, targets, ent, lse, need_dh, need_dw = res
+    h, w, targets, ent, lse, flags = res
+    need_dh, need_dw = (f is not None for f in flags)
     g_logp, g_ent = g
     use_logp, use_ent = not isinstance(g_logp, SymbolicZero), not isinstance(g_ent, SymbolicZero)
     if not (use_logp or use_ent) or not (need_dh or need_dw):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm.objectives import token_nll
-from jaxllm.xent import chunk_length, fused_xent
+from jaxllm.xent import chunking, fused_xent, token_logps
 
 
 def _plain(h, w, targets, weights, z_loss):
@@ -27,16 +27,17 @@ def _inputs(B=4, T=24, D=16, V=300, seed=0):
     return h, w, targets, weights
 
 
-def test_chunk_length_divides_the_sequence():
-    assert chunk_length(8, 256, 512) == 64
-    assert chunk_length(4, 24, 40) == 8  # 10 wanted; 8 is the largest divisor of 24 <= 10
-    assert chunk_length(64, 256, 16) == 1
-    assert chunk_length(1, 100, 4096) == 100
+def test_chunking_pads_the_sequence_as_little_as_possible():
+    assert chunking(8, 256, 512) == (64, 4)
+    assert chunking(4, 24, 40) == (8, 3)  # 10 tokens wanted per row: 3 chunks of 8
+    assert chunking(32, 43, 512) == (15, 3)  # a prime rollout length: 45 = 3 x 15 (2 padded), not 43 x 1
+    assert chunking(64, 256, 16) == (1, 256)
+    assert chunking(1, 100, 4096) == (100, 1)
 
 
-@pytest.mark.parametrize("z_loss,chunk", [(0.0, 16), (1e-3, 40), (1e-3, 10_000)])
-def test_values_and_gradients_match_plain_path(z_loss, chunk):
-    h, w, targets, weights = _inputs()
+@pytest.mark.parametrize("z_loss,chunk,T", [(0.0, 16, 24), (1e-3, 40, 24), (1e-3, 10_000, 24), (1e-3, 20, 23)])
+def test_values_and_gradients_match_plain_path(z_loss, chunk, T):
+    h, w, targets, weights = _inputs(T=T)  # T=23: prime, so the last chunk is padded
     got, want = fused_xent(h, w, targets, weights, z_loss, chunk), _plain(h, w, targets, weights, z_loss)
     for k in want:
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=2e-6, err_msg=k)
@@ -96,11 +97,10 @@ def test_train_loss_on_a_sharded_mesh_matches_the_plain_path(tmp_path):
 
 
 # ---- per-token log-probs and entropies (DPO, PPO, GRPO, rollout scoring) ----------------------
-@pytest.mark.parametrize("temperature,chunk", [(1.0, 16), (0.7, 40), (0.7, 10_000)])
-def test_token_logps_values_and_gradients_match_plain_path(temperature, chunk):
+@pytest.mark.parametrize("temperature,chunk,T", [(1.0, 16, 24), (0.7, 40, 24), (0.7, 10_000, 24), (0.7, 20, 23)])
+def test_token_logps_values_and_gradients_match_plain_path(temperature, chunk, T):
     from jaxllm.objectives import token_logps_and_entropy
-    from jaxllm.xent import token_logps
-    h, w, targets, _ = _inputs(seed=2)
+    h, w, targets, _ = _inputs(T=T, seed=2)
     rng = np.random.default_rng(3)
     a, b = (jnp.asarray(rng.standard_normal(targets.shape), jnp.float32) for _ in range(2))
     plain = lambda h, w: token_logps_and_entropy(jnp.einsum("btd,dv->btv", h, w), targets, temperature)
@@ -108,16 +108,35 @@ def test_token_logps_values_and_gradients_match_plain_path(temperature, chunk):
     for got, want in zip(chunked(h, w), plain(h, w)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
     # a cotangent on both outputs (DPO/PPO weight log-probs per token; an entropy bonus weights entropies)
-    for f_of in (lambda o: (o[0] * a).sum() + (o[1] * b).sum(), lambda o: (o[0] * a).sum()):
+    for f_of in (lambda o: (o[0] * a).sum() + (o[1] * b).sum(), lambda o: (o[0] * a).sum(),
+                 lambda o: (o[1] * b).sum()):
         g_got = jax.jit(jax.grad(lambda h, w: f_of(chunked(h, w)), (0, 1)))(h, w)
         g_want = jax.grad(lambda h, w: f_of(plain(h, w)), (0, 1))(h, w)
         for x, y in zip(g_got, g_want):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
             assert float(jnp.abs(y).max()) > 1e-2
-    # a frozen head: only dh is computed, and it is the same
+    # a frozen head (only dh computed) and a frozen trunk (only dW): the same gradients
     gh = jax.jit(jax.grad(lambda h: (chunked(h, w)[0] * a).sum()))(h)
     np.testing.assert_allclose(np.asarray(gh), np.asarray(jax.grad(lambda h: (plain(h, w)[0] * a).sum())(h)),
                                rtol=1e-4, atol=1e-6)
+    gw = jax.jit(jax.grad(lambda w: (chunked(h, w)[0] * a).sum()))(w)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(jax.grad(lambda w: (plain(h, w)[0] * a).sum())(w)),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_token_logps_in_bfloat16_returns_gradients_in_the_inputs_dtypes():
+    """A bf16 model: logits are accumulated in float32 (the plain path rounds them to bf16), the
+    gradients come back in bf16 and agree with float32 math on the same bf16 inputs."""
+    from jaxllm.objectives import token_logps_and_entropy
+    h, w, targets, _ = _inputs(T=23, seed=4)
+    hb, wb = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    a = jnp.asarray(np.random.default_rng(5).standard_normal(targets.shape), jnp.float32)
+    got = jax.jit(jax.grad(lambda h, w: (token_logps(h, w, targets, 0.7, 20)[0] * a).sum(), (0, 1)))(hb, wb)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.bfloat16]
+    f32 = lambda h, w: (token_logps_and_entropy(jnp.einsum("btd,dv->btv", h, w), targets, 0.7)[0] * a).sum()
+    want = jax.grad(f32, (0, 1))(hb.astype(jnp.float32), wb.astype(jnp.float32))
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y), rtol=0.05, atol=0.02 * float(jnp.abs(y).max()))
 
 
 def _rl_batches(rng, B, T, V):
@@ -136,7 +155,7 @@ def _rl_batches(rng, B, T, V):
 
 
 @pytest.mark.parametrize("loss_name", ["dpo", "grpo", "ppo"])
-def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, loss_name):
+def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, monkeypatch, loss_name):
     """dpo / grpo / ppo through the chunked log-prob head (vocab over `tensor`, batch over
     data x fsdp) give the plain logits path's loss, metrics and gradients."""
     from flax import nnx
@@ -159,6 +178,10 @@ def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, l
     batch_np = _rl_batches(np.random.default_rng(0), 8, 32, cfg.model.vocab_size)[loss_name]
     batch = jax.tree.map(lambda x: x[0], to_global(batch_np, mesh, rules))
     rl = RLConfig(temperature=0.8, kl_coef=0.05)
+    import jaxllm.objectives as objectives
+    calls = {}
+    real = objectives.token_logps
+    monkeypatch.setattr(objectives, "token_logps", lambda *a: calls.setdefault(0, True) and real(*a))
 
     def run(chunk):
         obj = dataclasses.replace(cfg.objective, name=loss_name, xent_chunk_tokens=chunk)
@@ -172,6 +195,7 @@ def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, l
                 return out.loss_sum / out.denom, out.metrics
             return jax.value_and_grad(loss, has_aux=True)(params)
         (value, metrics), grads = f(state.params, state.rest, batch)
+        assert calls.pop(0, None) == (chunk > 0 or None)  # the knob picks the path (traced once)
         return float(value), jax.device_get(metrics), jax.device_get(grads)
 
     chunked, plain = run(32), run(0)
