@@ -81,7 +81,7 @@ class Harness:
         """XLA's cost analysis of this step, lowered with the fused LM head as one chunk: cost
         analysis counts a loop body once (jaxllm.plan.one_chunk_head)."""
         from jaxllm.plan import one_chunk_head
-        step_fn = self.make_step(one_chunk_head(ObjectiveConfig(), int(np.prod(batch["inputs"].shape))))
+        step_fn = self.make_step(one_chunk_head(ObjectiveConfig(name=self.loss)))
         compiled = step_fn.lower(self.state, batch, None).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

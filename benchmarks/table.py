@@ -63,80 +63,92 @@ def _mib(n):
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
+def _device(r: dict) -> str:
+    return f"{r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores)"
+
+
+def _section(title: str, columns: list[str], rows: list[list]) -> list[str]:
+    """One markdown table: a heading, the header row, one line per row of cells."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def _train(r):
+    c, res = r["config"], r["results"]
+    return [[r["name"], f"{res['params'] / 1e6:.1f}M", f"{c['batch']}x{c['seq']}", c["mesh"], _device(r),
+             f"{res['step_time_s'] * 1e3:.1f}", _fmt(res["tokens_per_s"]), _fmt(res["tokens_per_s_per_device"]),
+             _fmt(res["formula_over_xla"], 3), _fmt(res["mfu"], 3), r["date"]]]
+
+
+def _peer(r):
+    res = r["results"]
+    losses = " / ".join(f"{res[k]['eval_loss']:.3f}" for k in ("jaxllm", "torch_eager", "torch_compile"))
+    return [[f"{_device(r)}, mesh {r['config']['mesh']}", _fmt(res["jaxllm"]["tokens_per_s"]),
+             _fmt(res["torch_eager"]["tokens_per_s"]), _fmt(res["torch_compile"]["tokens_per_s"]),
+             f"{res['ratio_vs_eager']:.2f}x", f"{res['ratio_vs_compile']:.2f}x", f"{losses} ({res['steps']})",
+             res["torch_version"], r.get("git_commit", "-"), r["date"]]]
+
+
+def _posttrain(r):
+    res, c = r["results"], r["config"]
+    rows = f"{c['batch']}x2" if c["loss"] == "dpo" else str(c["batch"])
+    chunked, plain = res["chunk_512"], res["chunk_0"]
+    return [[c["loss"], f"{rows}x{c['seq']}", _device(r), f"{chunked['step_time_s'] * 1e3:.0f}",
+             f"{plain['step_time_s'] * 1e3:.0f}", f"{res['speedup']:.2f}x", _mib(chunked["temp_bytes"]),
+             _mib(plain["temp_bytes"]), _fmt(res["temp_ratio"], 2), r.get("git_commit", "-"), r["date"]]]
+
+
+def _data(r):
+    res, c = r["results"], r["config"]
+    return [[r["name"], f"{c['batch']}x{c['seq']}", _fmt(res["tokens_per_s"]), _fmt(res.get("tiny_model_tokens_per_s")),
+             f"{_fmt(res.get('headroom'), 1)}x", f"{res['build_s']:.2f}", f"{r['device_kind']} ({r['cpu_count']} cores)",
+             r["date"]]]
+
+
+def _rollout(r):
+    c = r["config"]
+    return [[r["name"], row["batch"], f"{c['prompt_len']} + {c['new_tokens']}", _fmt(row["prefill_tokens_per_s"]),
+             _fmt(row["decode_tokens_per_s"]), f"{row['decode_step_ms']:.2f}",
+             f"{row['decode_bandwidth_fraction']:.1%} of {c['peak_bytes_per_s'] / 1e9:.0f} GB/s ({c['peak_source']})",
+             _fmt(row["naive_recompute_tokens_per_s"]), f"{row['speedup_vs_naive']:.1f}x",
+             f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]] for row in r["results"]["rows"]]
+
+
+def _checkpoint(r):
+    res = r["results"]
+    return [[f"{r['name']} params + AdamW state", f"{res['checkpoint_bytes'] / 1e6:.0f} MB", f"{res['save_s']:.3f}",
+             f"{res['restore_s']:.3f}", f"{res['async_save_slowdown'] * 100:+.1f}% over {res['steps']} steps",
+             f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]]]
+
+
+# suite -> (title, columns, record -> rows), in README order
+SECTIONS = {
+    "train": ("train", ["model", "params", "batch x seq", "mesh (d,f,t)", "device", "ms/step", "tokens/s",
+                        "tokens/s/device", "formula/XLA FLOPs", "MFU", "date"], _train),
+    "peer": ("peer (same model, data and machine, one run)",
+             ["device", "jaxllm tok/s", "PyTorch eager tok/s", "torch.compile tok/s", "vs eager", "vs compile",
+              "held-out loss jaxllm / eager / compile (same steps)", "torch", "jaxllm commit", "date"], _peer),
+    "posttrain": ("posttrain (chunked log-prob head vs plain [B, T, V] logits)",
+                  ["loss", "batch x seq", "device", "chunked ms/step", "plain ms/step", "speedup", "chunked temp MiB",
+                   "plain temp MiB", "temp ratio", "commit", "date"], _posttrain),
+    "data": ("data (input pipeline)", ["source", "batch x seq", "pipeline tokens/s", "tiny model consumes tokens/s",
+                                       "headroom", "build s", "device", "date"], _data),
+    "rollout": ("rollout (KV-cache sampler, greedy, no early stop)",
+                ["model", "batch", "prompt + new", "prefill tok/s", "decode tok/s", "decode ms/step",
+                 "roofline fraction (decode)", "full recompute tok/s", "sampler speedup", "device", "date"], _rollout),
+    "checkpoint": ("checkpoint (orbax)", ["state", "size", "save s (sync)", "restore s", "async save: loop slowdown",
+                                          "device", "date"], _checkpoint),
+}
+
+
 def write_readme(records: list[dict]) -> str:
     lines = [HEADER]
     by_suite: dict = {}
     for r in records:
         by_suite.setdefault(r["suite"], []).append(r)
-    if "train" in by_suite:
-        lines += ["## train", "", "| model | params | batch x seq | mesh (d,f,t) | device | ms/step | tokens/s | "
-                  "tokens/s/device | formula/XLA FLOPs | MFU | date |", "|" + "---|" * 11]
-        for r in by_suite["train"]:
-            c, res = r["config"], r["results"]
-            lines.append(f"| {r['name']} | {res['params'] / 1e6:.1f}M | {c['batch']}x{c['seq']} | {c['mesh']} | "
-                         f"{r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores) | {res['step_time_s'] * 1e3:.1f} | "
-                         f"{_fmt(res['tokens_per_s'])} | {_fmt(res['tokens_per_s_per_device'])} | "
-                         f"{_fmt(res['formula_over_xla'], 3)} | {_fmt(res['mfu'], 3)} | {r['date']} |")
-        lines.append("")
-    if "peer" in by_suite:
-        lines += ["## peer (same model, data and machine, one run)", "",
-                  "| device | jaxllm tok/s | PyTorch eager tok/s | torch.compile tok/s | vs eager | vs compile | "
-                  "held-out loss jaxllm / eager / compile (same steps) | torch | jaxllm commit | date |", "|" + "---|" * 10]
-        for r in by_suite["peer"]:
-            res = r["results"]
-            lines.append(f"| {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores), mesh {r['config']['mesh']} | "
-                         f"{_fmt(res['jaxllm']['tokens_per_s'])} | {_fmt(res['torch_eager']['tokens_per_s'])} | "
-                         f"{_fmt(res['torch_compile']['tokens_per_s'])} | {res['ratio_vs_eager']:.2f}x | "
-                         f"{res['ratio_vs_compile']:.2f}x | {res['jaxllm']['eval_loss']:.3f} / "
-                         f"{res['torch_eager']['eval_loss']:.3f} / {res['torch_compile']['eval_loss']:.3f} "
-                         f"({res['steps']}) | {res['torch_version']} | {r.get('git_commit', '-')} | {r['date']} |")
-        lines.append("")
-    if "posttrain" in by_suite:
-        lines += ["## posttrain (chunked log-prob head vs plain [B, T, V] logits)", "",
-                  "| loss | batch x seq | device | chunked ms/step | plain ms/step | speedup | chunked temp MiB | "
-                  "plain temp MiB | temp ratio | commit | date |", "|" + "---|" * 11]
-        for r in by_suite["posttrain"]:
-            res, c = r["results"], r["config"]
-            rows = f"{c['batch']}x2" if c["loss"] == "dpo" else str(c["batch"])
-            lines.append(f"| {c['loss']} | {rows}x{c['seq']} | {r['device_count']}x {r['device_kind']} ({r['cpu_count']} cores) | "
-                         f"{res['chunk_512']['step_time_s'] * 1e3:.0f} | {res['chunk_0']['step_time_s'] * 1e3:.0f} | "
-                         f"{res['speedup']:.2f}x | {_mib(res['chunk_512']['temp_bytes'])} | "
-                         f"{_mib(res['chunk_0']['temp_bytes'])} | {_fmt(res['temp_ratio'], 2)} | "
-                         f"{r.get('git_commit', '-')} | {r['date']} |")
-        lines.append("")
-    if "data" in by_suite:
-        lines += ["## data (input pipeline)", "", "| source | batch x seq | pipeline tokens/s | tiny model consumes tokens/s | "
-                  "headroom | build s | device | date |", "|" + "---|" * 8]
-        for r in by_suite["data"]:
-            res, c = r["results"], r["config"]
-            lines.append(f"| {r['name']} | {c['batch']}x{c['seq']} | {_fmt(res['tokens_per_s'])} | "
-                         f"{_fmt(res.get('tiny_model_tokens_per_s'))} | {_fmt(res.get('headroom'), 1)}x | "
-                         f"{res['build_s']:.2f} | {r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
-        lines.append("")
-    if "rollout" in by_suite:
-        lines += ["## rollout (KV-cache sampler, greedy, no early stop)", "",
-                  "| model | batch | prompt + new | prefill tok/s | decode tok/s | decode ms/step | "
-                  "roofline fraction (decode) | full recompute tok/s | sampler speedup | device | date |",
-                  "|" + "---|" * 11]
-        for r in by_suite["rollout"]:
-            c = r["config"]
-            for row in r["results"]["rows"]:
-                lines.append(f"| {r['name']} | {row['batch']} | {c['prompt_len']} + {c['new_tokens']} | "
-                             f"{_fmt(row['prefill_tokens_per_s'])} | {_fmt(row['decode_tokens_per_s'])} | "
-                             f"{row['decode_step_ms']:.2f} | {row['decode_bandwidth_fraction']:.1%} of "
-                             f"{c['peak_bytes_per_s'] / 1e9:.0f} GB/s ({c['peak_source']}) | "
-                             f"{_fmt(row['naive_recompute_tokens_per_s'])} | {row['speedup_vs_naive']:.1f}x | "
-                             f"{r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
-        lines.append("")
-    if "checkpoint" in by_suite:
-        lines += ["## checkpoint (orbax)", "", "| state | size | save s (sync) | restore s | async save: loop slowdown "
-                  "| device | date |", "|" + "---|" * 7]
-        for r in by_suite["checkpoint"]:
-            res = r["results"]
-            lines.append(f"| {r['name']} params + AdamW state | {res['checkpoint_bytes'] / 1e6:.0f} MB | {res['save_s']:.3f} | "
-                         f"{res['restore_s']:.3f} | {res['async_save_slowdown'] * 100:+.1f}% over {res['steps']} steps | "
-                         f"{r['device_kind']} ({r['cpu_count']} cores) | {r['date']} |")
-        lines.append("")
+    for suite, (title, columns, rows_of) in SECTIONS.items():
+        if suite in by_suite:
+            lines += _section(title, columns, [row for r in by_suite[suite] for row in rows_of(r)])
     text = "\n".join(lines)
     with open(os.path.join(os.path.dirname(__file__), "README.md"), "w") as f:
         f.write(text)

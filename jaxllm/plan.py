@@ -346,9 +346,10 @@ def xla_flops_per_step(cfg: RunConfig) -> float:
     """XLA's HLO cost analysis of the real step, made exact for loops.
 
     Cost analysis counts a while-loop body once, so the scanned layers, the grad-accumulation
-    loop and the fused LM head's chunk loop would be undercounted. Instead the step is lowered (not
-    compiled) unscanned, with the head in one chunk, on one CPU device with 1 and 2 layers, for one micro-batch b and (with grad_accum A > 1) for 2b. FLOPs are
-    linear in layers and in batch, so with f(n, b) those counts:
+    loop and the chunked LM head's loop would be undercounted. Instead the step is lowered (not
+    compiled) unscanned, with the head in one chunk, on one CPU device with 1 and 2 layers, for one
+    micro-batch b and (with grad_accum A > 1) for 2b. FLOPs are linear in layers and in batch, so
+    with f(n, b) those counts:
       micro(n) = f(n, 2b) - f(n, b)       (forward + backward of one micro-batch, n layers)
       update(n) = f(n, b) - micro(n)      (once per step: clipping, optimizer, NaN guard)
       step = A * (micro(1) + (L-1) * (micro(2) - micro(1))) + update(1) + (L-1) * (update(2) - update(1))
@@ -363,11 +364,14 @@ def xla_flops_per_step(cfg: RunConfig) -> float:
     return A * (micro[1] + (L - 1) * (micro[2] - micro[1])) + update[1] + (L - 1) * (update[2] - update[1])
 
 
-def one_chunk_head(objective, tokens: int):
-    """The objective with the fused LM head (a loop over token chunks, jaxllm.xent) in one chunk:
+ONE_CHUNK = 2 ** 62  # more tokens than any batch holds (DPO's too: batch x completions x seq)
+
+
+def one_chunk_head(objective):
+    """The objective with the chunked LM head (a loop over token chunks, jaxllm.xent) in one chunk:
     cost analysis counts a loop body once, and one chunk runs the same matmuls as several."""
     if getattr(objective, "xent_chunk_tokens", 0) > 0:
-        return dataclasses.replace(objective, xent_chunk_tokens=tokens)
+        return dataclasses.replace(objective, xent_chunk_tokens=ONE_CHUNK)
     return objective
 
 
@@ -380,7 +384,7 @@ def _lowered_flops(cfg: RunConfig, n_layers: int, batch: int) -> float:
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices("cpu")[:1])
     small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=n_layers, scan_layers=False),
                                 train=dataclasses.replace(cfg.train, batch_size=batch, grad_accum=1),
-                                objective=one_chunk_head(cfg.objective, batch * cfg.train.seq_len))
+                                objective=one_chunk_head(cfg.objective))
     parts = build_step(small, mesh, make_rules(cfg.mesh.rules))
     cost = parts.train_step.lower(parts.abs_state, parts.abs_batch, parts.abs_frozen).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
