@@ -1,4 +1,4 @@
-"""nanoGPT-style PyTorch Llama with the same architecture as jaxllm.model.Transformer, used only by
+"""nanoGPT-style PyTorch Llama with the same architecture as jaxllm.core.model.Transformer, used only by
 the `peer` benchmark suite (same shape, data, batch and optimizer, measured in the same run)."""
 
 from __future__ import annotations

@@ -37,40 +37,35 @@ TINY_MODEL = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_head
 
 
 class Harness:
-    """A jaxllm train step for a model config on a mesh, fed with fixed batches."""
+    """A jaxllm train step for a model config on a mesh, fed with fixed batches. The step is the
+    trainer's own (jaxllm.train.step.build_step), for the objective `loss`."""
 
     def __init__(self, model_kw: dict, mesh: MeshConfig, opt: OptimizerConfig, total_steps: int = 1000,
                  loss: str = "causal_lm", extras: dict | None = None):
         from flax import nnx
-        from jaxllm.model import Transformer
-        from jaxllm.objectives import LOSSES
-        from jaxllm.optim import make_optimizer, schedule
-        from jaxllm.rl import ActorCritic
-        from jaxllm.sharding import make_mesh, make_rules
-        from jaxllm.trainer import abstract_model, init_state, make_eval_step, state_shardings_for
+
+        from jaxllm.config import RunConfig, TrainConfig
+        from jaxllm.core.sharding import make_mesh, make_rules
+        from jaxllm.objectives import REGISTRY, model_class
         self.model_cfg = ModelConfig(**model_kw)
         self.mesh, self.rules = make_mesh(mesh), make_rules()
         self.loss, self.extras = loss, extras or {}
-        model_cls = ActorCritic if loss == "ppo" else Transformer
-        make_model = lambda r: model_cls(self.model_cfg, r)
-        graphdef, ap, ar = abstract_model(make_model, nnx.Param)
-        self.opt = make_optimizer(opt, total_steps)
-        self.shardings = state_shardings_for(ap, ar, self.opt, self.mesh, self.rules)
-        self.state = init_state(make_model, nnx.Param, self.opt, self.shardings, seed=0)
-        self.graphdef, self.sched = graphdef, schedule(opt, total_steps)
-        self.step_fn = self.make_step(ObjectiveConfig(name=loss))
-        self.eval_fn = make_eval_step(graphdef, LOSSES[loss], ObjectiveConfig(name=loss), self.extras, self.mesh,
-                                      self.rules, 0)
+        self.cfg = RunConfig(model=self.model_cfg, mesh=mesh, optimizer=opt, objective=ObjectiveConfig(name=loss),
+                             train=TrainConfig(steps=total_steps))
+        cls = model_class(loss)
+        self.make_model = lambda r: cls(self.model_cfg, r)
+        self.loss_fn = REGISTRY.pick(loss).loss
+        parts = self.build(self.cfg.objective)
+        self.state = parts.init(self.make_model, nnx.Param, seed=0)
+        self.graphdef, self.step_fn, self.eval_fn = parts.graphdef, parts.train_step, parts.eval_step
 
-    def make_step(self, objective):
-        from jaxllm.objectives import LOSSES
-        from jaxllm.trainer import make_train_step
-        return make_train_step(self.graphdef, LOSSES[self.loss], objective, self.opt, self.sched, seed=0,
-                               nan_policy="skip", extras=self.extras, mesh=self.mesh, rules=self.rules,
-                               state_shardings=self.shardings)
+    def build(self, objective):
+        from jaxllm.train.step import build_step
+        return build_step(self.cfg, self.make_model, self.loss_fn, self.mesh, self.rules, extras=self.extras,
+                          objective_cfg=objective)
 
     def put(self, batch, accum=1):
-        from jaxllm.data.pipeline import to_global
+        from jaxllm.core.arrays import to_global
         return to_global(batch, self.mesh, self.rules, accum)
 
     def step(self, batch):
@@ -79,9 +74,9 @@ class Harness:
 
     def xla_flops(self, batch) -> float:
         """XLA's cost analysis of this step, lowered with the fused LM head as one chunk: cost
-        analysis counts a loop body once (jaxllm.plan.one_chunk_head)."""
-        from jaxllm.plan import one_chunk_head
-        step_fn = self.make_step(one_chunk_head(ObjectiveConfig(name=self.loss)))
+        analysis counts a loop body once (jaxllm.app.plan.one_chunk_head)."""
+        from jaxllm.app.plan import one_chunk_head
+        step_fn = self.build(one_chunk_head(self.cfg.objective)).train_step
         compiled = step_fn.lower(self.state, batch, None).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -89,7 +84,7 @@ class Harness:
         return float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
 
     def eval_loss(self, batches) -> float:
-        from jaxllm.trainer import evaluate
+        from jaxllm.train.step import evaluate
         return evaluate(self.eval_fn, self.state, batches)["eval_loss"]
 
 
@@ -116,8 +111,8 @@ def _mesh_from(args) -> MeshConfig:
 
 # ---- suites -----------------------------------------------------------------------------------
 def suite_train(args):
-    from jaxllm.model import flops_per_token, param_count
-    from jaxllm.monitor import peak_flops_per_device
+    from jaxllm.core.model import flops_per_token, param_count
+    from jaxllm.core.monitor import peak_flops_per_device
     shapes = {"tiny": (TINY_MODEL, 16, 128), "peer-20m": (PEER_MODEL, 8, 256)}
     if args.model:
         import yaml
@@ -178,7 +173,7 @@ def suite_checkpoint(args):
     import shutil
     import tempfile
     import time
-    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.core.checkpoint import Checkpointer
     model_kw = dict(TINY_MODEL, n_layers=1) if args.smoke else PEER_MODEL
     batch, seq = (8, 32) if args.smoke else (8, 256)
     h = Harness(model_kw, _mesh_from(args), OptimizerConfig(lr=1e-3))
@@ -321,7 +316,7 @@ def suite_posttrain(args):
         b = h.put(posttrain_batch(loss, batch, seq, h.model_cfg.vocab_size))
         res = {}
         for chunk in (512, 0):
-            compiled = h.make_step(dataclasses.replace(ObjectiveConfig(name=loss), xent_chunk_tokens=chunk)) \
+            compiled = h.build(dataclasses.replace(ObjectiveConfig(name=loss), xent_chunk_tokens=chunk)).train_step \
                 .lower(h.state, b, None).compile()
             h.step_fn, mem = compiled, compiled.memory_analysis()  # timed: this same executable
             times = timed(lambda: jax.block_until_ready(h.step(b)["loss"]), args.repeats, args.warmup)
@@ -355,9 +350,9 @@ def suite_rollout(args):
     import numpy as np
     from flax import nnx
     from jaxllm.config import ModelConfig
-    from jaxllm.inference import _sample
-    from jaxllm.model import Transformer, param_count
-    from jaxllm.sampler import generate_ids
+    from jaxllm.app.inference import _sample
+    from jaxllm.core.model import Transformer, param_count
+    from jaxllm.core.sampler import generate_ids
     shapes = {"tiny": TINY_MODEL, "peer-20m": PEER_MODEL}
     prompt_len, new, batches = (64, 64, (1, 8, 32))
     if args.smoke:

@@ -10,7 +10,7 @@ All numbers below were measured by `python -m benchmarks.run SUITE` and are gene
 records in `results/` by `python -m benchmarks.run table`. Each record names the device, the JAX
 versions and the date; times are medians over repeated steps after warm-up (compilation excluded).
 
-- **FLOPs** per step use the formula in `jaxllm.model.flops_per_token`: 6 x (all parameters except
+- **FLOPs** per step use the formula in `jaxllm.core.model.flops_per_token`: 6 x (all parameters except
   the embedding lookup) + 12 x layers x heads x head_dim x seq_len per token (PaLM accounting, no
   causal discount). The `formula/XLA` column divides it by XLA's own cost analysis of the compiled
   step (summed over devices); values near 1 mean the formula counts what the compiler runs.
@@ -20,17 +20,17 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   the embedded corpus (batch 8, seq 256, float32, AdamW lr 1e-3, clip 1.0) in one process, one
   after the other; tokens/s is the median step after 3 warm-up steps, and the held-out loss is
   measured on the same held-out batches after the same number of steps.
-- **rollout**: the KV-cache sampler (`jaxllm.sampler.generate_ids`, greedy, no early stop) on a
+- **rollout**: the KV-cache sampler (`jaxllm.core.sampler.generate_ids`, greedy, no early stop) on a
   randomly initialised model, prompts of 64 tokens and 64 new tokens. Prefill tok/s = batch x 64 /
   time of a 1-token generation; decode ms/step = (time for 64 tokens - time for 1) / 63. Roofline
   fraction = bytes a decode step must read (every fp32 weight once + the average KV cache) / step
   time / peak memory bandwidth (the spec sheet on GPU/TPU; on CPU a measured large host copy).
   On CPU the "roof" is a DRAM copy, while small models' weights partly stay in the L2/L3 caches, so
   the fraction can exceed 100% there; it is a meaningful roofline only on GPU/TPU (spec-sheet HBM).
-  "Full recompute" is the no-cache reference sampler (`jaxllm.inference._sample`) on the same job.
+  "Full recompute" is the no-cache reference sampler (`jaxllm.app.inference._sample`) on the same job.
 - **posttrain**: one DPO / GRPO / PPO train step of the 20.6M peer model (DPO: 4 pairs, reference
   log-probs precomputed into the batch; GRPO/PPO: 8 rollout rows, PPO with its critic) with the
-  chunked log-prob head (`objective.xent_chunk_tokens=512`, `jaxllm.xent.token_logps`) and with the
+  chunked log-prob head (`objective.xent_chunk_tokens=512`, `jaxllm.core.xent.token_logps`) and with the
   plain [B, T, V] logits path (`0`). "temp" is XLA's temporary memory of the compiled step
   (`compiled.memory_analysis().temp_size_in_bytes`, XLA:CPU's buffer assignment; other backends
   assign buffers differently, but the [B, T, V] float32 logits and their gradient are what the
@@ -41,7 +41,7 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   day, and not equally for XLA and PyTorch: the same jaxllm commit ran ~1.07 s/step on 2026-11-22
   and ~1.47 s/step on 2026-11-23, while PyTorch eager measured 1,364, 1,440 and 1,574 tok/s on three
   machines. Only the ratios within one run compare. The third row (commit a0ab491) adds the fused
-  chunked LM head + cross-entropy (`jaxllm/xent.py`) and a SwiGLU with its own backward: on the
+  chunked LM head + cross-entropy (`jaxllm/core/xent.py`) and a SwiGLU with its own backward: on the
   same machine the jaxllm step went from 1.47 s to 1.22 s. It is 1.07x PyTorch eager and 0.86x
   `torch.compile` on that machine: the CPU target (1.5x eager, ahead of torch.compile) is not met.
   Where the step goes on CPU (XLA profile, 2026-11-23): the LM head's three 33.5 GFLOP matmuls

@@ -3,8 +3,11 @@
 A run config is a tree of small dataclasses. Loading goes: YAML file -> `include:` files and
 section paths (`model: ../models/tiny.yaml`) merged in -> command-line overrides -> typed
 conversion (unknown keys and wrong types fail with a suggestion) -> per-section `validate()`.
-Checks that need the devices (mesh product, batch divisibility) live in `sharding.make_mesh`.
+Checks that need the devices (mesh product, batch divisibility) live in `core.sharding.make_mesh`.
 Nothing here is global: the loaded `RunConfig` is passed explicitly to whoever needs a part of it.
+This module and errors.py are the bottom of the import graph: config imports no other jaxllm
+module. Checks against registries (objective names and options, reward functions, RL algorithm
+names) run in `jaxllm.objectives.validate(cfg)`, still before anything is written.
 """
 
 from __future__ import annotations
@@ -233,9 +236,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "causal_lm"  # a key of objectives.LOSSES
+    name: str = "causal_lm"  # a registered objective (jaxllm.objectives.REGISTRY)
     z_loss: float = 0.0
-    # tokens per chunk of the LM head (jaxllm.xent), which then never materialises [B, T, V] logits:
+    # tokens per chunk of the LM head (jaxllm.core.xent), which then never materialises [B, T, V] logits:
     # fused head + cross-entropy for causal_lm / sft / masked_lm, chunked log-probs for dpo / grpo /
     # ppo and rollout scoring; 0 = plain logits path
     xent_chunk_tokens: int = 512
@@ -248,12 +251,11 @@ class ObjectiveConfig:
     precompute_ref: bool = False  # dpo: reference log-probs computed once into the dataset
     eval_generate: int = 0  # SFT: greedy-generate this many held-out prompts at each eval (exact match)
     max_new_tokens: int = 16
+    # options of the objective's own (its record's `options` dataclass, e.g. simpo's beta and gamma);
+    # checked against that dataclass by jaxllm.objectives.validate, like every other key
+    options: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> None:
-        from jaxllm.objectives import LOSSES  # late import: objectives imports jax
-        if self.name not in LOSSES:
-            raise ConfigError(f"objective.name={self.name!r} is not a known loss" +
-                              _suggest(self.name, LOSSES) + f" (known: {', '.join(sorted(LOSSES))})")
+    def validate(self) -> None:  # the name is checked against the registry by objectives.validate
         if self.xent_chunk_tokens < 0:
             raise ConfigError(f"objective.xent_chunk_tokens={self.xent_chunk_tokens} must be >= 0 (0 = plain logits)")
         if not 0.0 < self.mask_prob < 1.0:
@@ -275,9 +277,7 @@ class RewardConfig:
         if self.kind == "function":
             if ":" not in self.fn:
                 raise ConfigError(f"rl.rewards: fn={self.fn!r} must be 'module.path:function', "
-                                  f"e.g. 'jaxllm.rewards:exact_match'")
-            from jaxllm.rewards import load_function  # fail at load, before anything is written
-            load_function(self.fn)
+                                  f"e.g. 'jaxllm.rl.rewards:exact_match'")
         if self.kind == "model" and not self.path:
             raise ConfigError("rl.rewards: kind=model needs path=REWARD_MODEL_RUN_DIR")
 
@@ -297,7 +297,9 @@ class RLConfig:
     length_penalty: float = 0.0  # subtracted per generated token
     no_eos_penalty: float = 0.0  # subtracted when a completion never reached EOS
     kl_coef: float = 0.05  # PPO: per-token KL penalty in the reward; GRPO: beta of the KL loss term
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: str = "k1"  # a key of jaxllm.rl.algorithms.KL_ESTIMATORS
+    loss_type: str = "grpo"  # policy loss, a key of jaxllm.rl.algorithms.POLICY_LOSSES
+    advantage: str = ""  # a key of jaxllm.rl.algorithms.ADVANTAGES; "" = the objective's (grpo: group, ppo: gae)
     kl_clamp: float = 10.0  # |per-token KL| is clamped to this (0 = off)
     target_kl: float = 0.0  # PPO: > 0 turns on the adaptive KL controller (Ziegler et al.)
     kl_horizon: int = 10000
@@ -350,32 +352,29 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
-        if self.objective.name in ("ppo", "grpo"):
-            self._validate_rl()
 
-    def _validate_rl(self) -> None:
-        rl, name = self.rl, self.objective.name
-        if self.data.kind != "prompt":
-            raise ConfigError(f"objective.name={name} reads prompts: set data.kind=prompt")
-        if not rl.rewards:
-            raise ConfigError(f"objective.name={name} needs at least one reward: set rl.rewards")
-        if self.data.max_prompt_len + rl.max_new_tokens > self.train.seq_len:
-            raise ConfigError(f"data.max_prompt_len + rl.max_new_tokens = {self.data.max_prompt_len} + "
-                              f"{rl.max_new_tokens} exceeds train.seq_len={self.train.seq_len}")
-        rollout = self.train.batch_size * rl.minibatches
-        if rollout % rl.group_size:
-            raise ConfigError(f"train.batch_size*rl.minibatches = {rollout} sequences per rollout is not "
-                              f"divisible by rl.group_size={rl.group_size}")
-        if name == "grpo" and rl.group_size < 2:
-            raise ConfigError("objective.name=grpo needs rl.group_size >= 2 (advantages are relative to the group)")
-        per_rollout = rl.epochs * rl.minibatches
-        for key, v in (("train.steps", self.train.steps), ("checkpoint.every", self.checkpoint.every),
-                       ("train.stop_at", self.train.stop_at)):
-            if v % per_rollout:
-                raise ConfigError(f"{key}={v} must be a multiple of rl.epochs*rl.minibatches = {per_rollout} "
-                                  f"(checkpoints and stops fall on rollout boundaries)")
-        if self.train.grad_accum != 1:
-            raise ConfigError("train.grad_accum must be 1 for RL: use rl.minibatches to split a rollout")
+
+class Registry(dict):
+    """name -> entry (an objective, an RL advantage estimator, ...), filled by `register` where
+    each entry is defined. `pick` of an unknown name is a ConfigError naming the config key, with a
+    suggestion and the known names."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key  # the config key that picks an entry, e.g. "rl.advantage"
+
+    def register(self, name: str, entry: Any = None):
+        """register(name, entry), or @register(name) over a function."""
+        if entry is not None:
+            self[name] = entry
+            return entry
+        return lambda fn: self.register(name, fn)
+
+    def pick(self, name: str) -> Any:
+        if name not in self:
+            raise ConfigError(f"{self.key}={name!r} is not known" + _suggest(name, self) +
+                              f" (known: {', '.join(sorted(self))})")
+        return self[name]
 
 
 def _positive(obj, *names: str) -> None:

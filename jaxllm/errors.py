@@ -1,4 +1,7 @@
-"""User-facing errors: one clear line, no traceback, non-zero exit (handled in cli.py)."""
+"""User-facing errors: one clear line, no traceback, non-zero exit (handled in app/cli.py).
+The bottom of the import graph: imports no other jaxllm module."""
+
+import importlib
 
 
 class UserError(Exception):
@@ -23,3 +26,12 @@ class CheckpointWriteError(CheckpointError):
 
 class TrainingHalted(UserError):
     """Training stopped on purpose (e.g. non-finite loss with nan_policy=stop)."""
+
+
+def require(module: str):
+    """Imports an optional dependency of the `hf` extra, or says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"Hugging Face tokenizer support needs the `{module}` package: "
+                        f"pip install 'jaxllm[hf]'") from None

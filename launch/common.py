@@ -32,7 +32,7 @@ def check_run(config: str, mesh: str, overrides: Sequence[str], n_devices: Optio
     try:
         cfg = load_config(config, [f"mesh={mesh}", *overrides])
         if n_devices is not None:
-            from jaxllm.sharding import mesh_shape
+            from jaxllm.core.sharding import mesh_shape
             mesh_shape(cfg.mesh, n_devices)
     except UserError as e:
         raise LaunchError(f"{config}: {e}") from None

@@ -5,7 +5,7 @@
 
 Two process layouts:
   one process per GPU (default): `srun --ntasks-per-node=GPUS`; each task joins through JAX's SLURM
-    auto-detection (jaxllm.distributed: SLURM_JOB_ID with SLURM_NTASKS > 1), which takes the
+    auto-detection (jaxllm.core.distributed: SLURM_JOB_ID with SLURM_NTASKS > 1), which takes the
     coordinator from the first node of SLURM_STEP_NODELIST and binds each task to the GPU numbered
     SLURM_LOCALID.
   one process per node (--per-node): `srun --ntasks-per-node=1`; the script sets

@@ -41,27 +41,27 @@ def stage_config(tmp, name, *overrides) -> RunConfig:
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
-    from jaxllm.trainer import Trainer
+    from jaxllm.objectives import make_trainer
     cfg = tiny_config(tmp_path_factory.mktemp("pre"), "train.steps=150", "eval.every=0", "checkpoint.every=0")
-    Trainer(cfg).run()
+    make_trainer(cfg).run()
     return cfg.output_dir
 
 
 @pytest.fixture(scope="session")
 def sft(pretrained, tmp_path_factory):
-    from jaxllm.trainer import Trainer
+    from jaxllm.objectives import make_trainer
     cfg = stage_config(tmp_path_factory.mktemp("sft"), "sft_tiny", f"checkpoint.init_from={pretrained}",
                        "train.steps=400", "eval.every=400", "objective.eval_generate=100", "checkpoint.every=0")
-    Trainer(cfg).run()
+    make_trainer(cfg).run()
     return cfg.output_dir
 
 
 @pytest.fixture(scope="session")
 def reward_model(sft, tmp_path_factory):
     """(output_dir, Trainer) of a 200-step Bradley-Terry RM from the SFT model."""
-    from jaxllm.trainer import Trainer
+    from jaxllm.objectives import make_trainer
     cfg = stage_config(tmp_path_factory.mktemp("rm"), "rm_tiny", f"checkpoint.init_from={sft}", "train.steps=200",
                        "eval.every=200", "checkpoint.every=0")
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     t.run()
     return cfg.output_dir, t

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.config import RunConfig, load_config
 from tests.conftest import ROOT
 
@@ -70,7 +70,7 @@ def test_composition_and_overrides(tmp_path):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jaxllm.cli", "train", CFG, "train.stpes=3",
+    r = subprocess.run([sys.executable, "-m", "jaxllm.app.cli", "train", CFG, "train.stpes=3",
                         f"output_dir={tmp_path}/x"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.config import DataConfig, ModelConfig, SourceConfig
 from jaxllm.data import chat, tasks
 from jaxllm.data.pipeline import build_pipeline, build_text_pipeline
 from jaxllm.data.prepare import PrepareOptions, prepare
 from jaxllm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from jaxllm.errors import DataError
-from jaxllm.model import Transformer, attention_mask
+from jaxllm.core.model import Transformer, attention_mask
 
 TEXT = ["The quick brown fox jumps over the lazy dog.\nSecond line\twith a tab.",
         "Numbers 12345 and symbols {}[]() are kept; ünïcödé too — and emoji 🙂."] * 20

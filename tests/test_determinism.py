@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.monitor import read_metrics
-from jaxllm.trainer import Trainer
+from jaxllm.core.monitor import read_metrics
+from jaxllm.objectives import make_trainer
 from tests.conftest import stage_config, tiny_config
 
 SHORT = ["train.progress=false", "train.log_every=1", "eval.every=0", "checkpoint.every=0"]
@@ -30,7 +30,7 @@ def test_two_runs_are_bit_identical(name, pretrained, sft, reward_model, tmp_pat
     runs = []
     for i in range(2):
         cfg = _stage_cfg(name, tmp_path / f"r{i}", pretrained, sft, reward_model[0])
-        t = Trainer(cfg)
+        t = make_trainer(cfg)
         t.run()
         metrics = [{k: v for k, v in m.items() if k in ("step", "loss", "grad_norm", "reward_mean", "kl")}
                    for m in read_metrics(cfg.output_dir) if "loss" in m]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from tests.conftest import ROOT
 
 CFG = os.path.join(ROOT, "configs/runs/pretrain_tiny.yaml")

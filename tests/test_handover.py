@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.data.tokenizer import train_tokenizer
 from jaxllm.errors import CheckpointError
-from jaxllm.trainer import Trainer
+from jaxllm.objectives import make_trainer
 from tests.conftest import tiny_config
 
 COMMON = ["train.steps=4", "checkpoint.every=0", "eval.every=0", "model.n_layers=2", "train.batch_size=8"]
@@ -18,7 +18,7 @@ COMMON = ["train.steps=4", "checkpoint.every=0", "eval.every=0", "model.n_layers
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("parent"), *COMMON)
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     t.run()
     return cfg, jax.tree.map(np.asarray, jax.device_get(t.state.params))
 
@@ -27,7 +27,7 @@ def test_init_from_params_starts_a_new_stage(parent, tmp_path, capsys):
     pcfg, pparams = parent
     child_cfg = tiny_config(tmp_path, *COMMON, f"checkpoint.init_from={pcfg.output_dir}", "stage=child",
                             "train.steps=2")
-    child = Trainer(child_cfg)
+    child = make_trainer(child_cfg)
     state, _, lineage = child.initial_state()
     got = jax.tree.map(np.asarray, jax.device_get(state.params))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(pparams)))
@@ -44,14 +44,14 @@ def test_init_from_with_other_tokenizer_fails(parent, tmp_path):
     tok = train_tokenizer(default_documents()[:60], str(tmp_path / "other"), vocab_size=512)
     cfg = tiny_config(tmp_path, *COMMON, f"checkpoint.init_from={pcfg.output_dir}", f"data.tokenizer={tok.path}")
     with pytest.raises(CheckpointError, match="differs from the one checkpoint"):
-        Trainer(cfg).initial_state()
+        make_trainer(cfg).initial_state()
 
 
 def test_init_from_other_shape_names_the_tensor(parent, tmp_path):
     pcfg, _ = parent
     cfg = tiny_config(tmp_path, *COMMON, f"checkpoint.init_from={pcfg.output_dir}", "model.mlp_dim=256")
     with pytest.raises(CheckpointError, match="tensor 'blocks/0/mlp/down' has shape"):
-        Trainer(cfg).initial_state()
+        make_trainer(cfg).initial_state()
 
 
 def test_output_dir_of_another_run_is_refused_untouched(parent, tmp_path, capsys):

@@ -15,14 +15,15 @@ from safetensors import safe_open
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.config import MeshConfig, load_config
 from jaxllm.data.tokenizer import DEFAULT_TOKENIZER, EOS_ID
 from jaxllm.errors import CheckpointError, ConfigError, DataError
-from jaxllm.inference import load_model, sample_ids
-from jaxllm.interop import hf
-from jaxllm.model import rope_inv_freq
-from jaxllm.trainer import Trainer
+from jaxllm.app.inference import load_model
+from jaxllm.core.sampler import sample_ids
+from jaxllm.app import hf
+from jaxllm.core.model import rope_inv_freq
+from jaxllm.objectives import make_trainer
 from tests.conftest import ROOT
 
 torch.set_num_threads(2)
@@ -227,7 +228,7 @@ def test_cli_import_is_a_normal_checkpoint_that_trains(hf_dirs, tmp_path):
         "train.steps=3", "train.batch_size=8", "eval.every=0", "data.eval_sources=[]", "data.eval_fraction=0",
         "objective.eval_generate=0", "checkpoint.every=0", "checkpoint.async_save=false", "train.progress=false"])
     assert cfg.model == model.cfg
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     state, parent = trainer.fresh_state()
     assert parent.endswith("checkpoints/0")
     np.testing.assert_array_equal(np.asarray(state.params["embed"][...]), np.asarray(model.embed[...]))

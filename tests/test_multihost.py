@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from jaxllm.cli import main
-from jaxllm.monitor import read_metrics
+from jaxllm.app.cli import main
+from jaxllm.core.monitor import read_metrics
 from tests.conftest import ROOT
 
 CFG = os.path.join(ROOT, "configs/runs/pretrain_tiny.yaml")
@@ -32,7 +32,7 @@ def _env(devices: int) -> dict:
 
 
 def _cmd(out, *overrides, dist=(), cli=()):
-    return [sys.executable, "-m", "jaxllm.cli", *cli, *dist, "train", CFG, f"output_dir={out}", *RUN, *overrides]
+    return [sys.executable, "-m", "jaxllm.app.cli", *cli, *dist, "train", CFG, f"output_dir={out}", *RUN, *overrides]
 
 
 def _launch(out, nproc, *overrides, timeout_s=300, cli=()):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from tests.conftest import ROOT
 
 RUNS = os.path.join(ROOT, "configs/runs")
@@ -70,7 +70,7 @@ def test_killed_pipeline_resumes_mid_stage_and_skips_finished(tmp_path):
         "sft": ["train.steps=160", "eval.every=0", "checkpoint.every=20", "objective.eval_generate=0",
                 "checkpoint.keep=20"]})
     sft_ck = tmp_path / "pipe" / "sft" / "checkpoints"
-    cmd = [sys.executable, "-m", "jaxllm.cli", "pipeline", path, "--no-report"]
+    cmd = [sys.executable, "-m", "jaxllm.app.cli", "pipeline", path, "--no-report"]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -87,7 +87,7 @@ def test_killed_pipeline_resumes_mid_stage_and_skips_finished(tmp_path):
     assert "[tokenizer] finished earlier, skipped" in r.stdout and "[pretrain] finished earlier, skipped" in r.stdout
     assert "[sft] resuming from its last checkpoint" in r.stdout
     assert (tmp_path / "pipe" / "pretrain" / "stage_done.json").stat().st_mtime == pre_done
-    from jaxllm.monitor import read_metrics
+    from jaxllm.core.monitor import read_metrics
     steps = [m["step"] for m in read_metrics(str(tmp_path / "pipe" / "sft")) if "loss" in m]
     assert steps[-1] == 160 and min(s for s in steps if s > saved[-1]) <= saved[-1] + 20
     # --from sft moves the old output aside (kept) and runs sft again

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from jaxllm import plan as planlib
-from jaxllm.cli import main
+from jaxllm.app import plan as planlib
+from jaxllm.app.cli import main
 from jaxllm.config import load_config
-from jaxllm.model import flops_per_token, param_count
+from jaxllm.core.model import flops_per_token, param_count
 
 from .conftest import ROOT
 
@@ -158,7 +158,7 @@ def test_xla_flops_cross_check(tiny):
 def _direct_flops(cfg):
     import jax
     from jaxllm.config import MeshConfig
-    from jaxllm.sharding import make_mesh, make_rules
+    from jaxllm.core.sharding import make_mesh, make_rules
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices("cpu")[:1])
     parts = planlib.build_step(cfg, mesh, make_rules({}))
     cost = parts.train_step.lower(parts.abs_state, parts.abs_batch, parts.abs_frozen).cost_analysis()

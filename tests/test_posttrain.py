@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.errors import ConfigError
-from jaxllm.monitor import read_metrics
-from jaxllm.sharding import path_str
-from jaxllm.trainer import Trainer
+from jaxllm.core.monitor import read_metrics
+from jaxllm.core.sharding import path_str
+from jaxllm.objectives import make_trainer
 from tests.conftest import ROOT, tiny_config
 
 RUNS = os.path.join(ROOT, "configs/runs")
@@ -51,7 +51,7 @@ def test_reward_model_pair_accuracy(reward_model):
 def test_dpo_raises_implicit_reward_accuracy_and_margin(sft, tmp_path):
     cfg = _cfg(tmp_path, "dpo_tiny", f"checkpoint.init_from={sft}", "train.steps=80", "eval.every=80",
                "checkpoint.every=0")
-    Trainer(cfg).run()
+    make_trainer(cfg).run()
     first, last = _evals(cfg.output_dir)[0], _evals(cfg.output_dir)[-1]
     assert first["eval_reward_margin"] == 0.0 and abs(first["eval_loss"] - np.log(2)) < 1e-5
     assert last["eval_reward_accuracy"] > 0.65 and last["eval_reward_margin"] > 0.5, last
@@ -63,7 +63,7 @@ def test_dpo_precomputed_reference_matches_online(sft, tmp_path):
     for pre in ("false", "true"):
         cfg = _cfg(tmp_path / pre, "dpo_tiny", f"checkpoint.init_from={sft}", "train.steps=3", "eval.every=0",
                    "checkpoint.every=0", "train.log_every=1", f"objective.precompute_ref={pre}")
-        Trainer(cfg).run()
+        make_trainer(cfg).run()
         losses.append([m["loss"] for m in read_metrics(cfg.output_dir) if "loss" in m])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     assert losses[0][2] < losses[0][0]
@@ -73,12 +73,12 @@ def test_lora_learns_freezes_base_and_merges_exactly(pretrained, tmp_path):
     cfg = _cfg(tmp_path, "sft_tiny", f"checkpoint.init_from={pretrained}", "finetune.mode=lora",
                "finetune.lora_rank=8", "finetune.lora_targets=[q,v,o,up,down]", "optimizer.lr=3e-3",
                "train.steps=60", "eval.every=60", "objective.eval_generate=0", "checkpoint.every=0")
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     t.run()
     evals = _evals(cfg.output_dir)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
     # only adapters train: every base weight equals the pretrained checkpoint's, bit for bit
-    from jaxllm.inference import load_model
+    from jaxllm.app.inference import load_model
     base, _, _ = load_model(pretrained)
     base_w = dict(nnx.to_flat_state(_host(nnx.state(base, nnx.Param))))
     rest = dict(nnx.to_flat_state(_host(t.state.rest)))
@@ -100,7 +100,7 @@ def test_partial_finetune_leaves_frozen_weights_identical(pretrained, tmp_path):
     cfg = _cfg(tmp_path, "sft_tiny", f"checkpoint.init_from={pretrained}", "finetune.mode=partial",
                "finetune.freeze_embeddings=true", "finetune.freeze_layers=2", "finetune.freeze=[final_norm]",
                "train.steps=20", "eval.every=0", "objective.eval_generate=0", "checkpoint.every=0")
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     before, _ = t.fresh_state()
     before = dict(nnx.to_flat_state(_host(nnx.merge_state(before.params, before.rest))))
     t.run()
@@ -137,7 +137,7 @@ def test_lora_and_partial_agree_across_meshes(pretrained, tmp_path, mode):
         cfg = _cfg(tmp_path / name, "sft_tiny", f"checkpoint.init_from={pretrained}", f"finetune.mode={mode}",
                    *mode_ov, "train.steps=6",
                    "eval.every=0", "objective.eval_generate=0", "checkpoint.every=0", *mesh)
-        Trainer(cfg).run()
+        make_trainer(cfg).run()
         losses[name] = [m["loss"] for m in read_metrics(cfg.output_dir) if "loss" in m]
     assert len(losses["fsdp"]) == 6 and losses["fsdp"][-1] < losses["fsdp"][0]
     np.testing.assert_allclose(losses["dft"], losses["fsdp"], rtol=2e-4)

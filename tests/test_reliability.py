@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint as ckpt_lib
-from jaxllm.cli import main
-from jaxllm.guards import SpikeDetector
-from jaxllm.monitor import read_metrics
-from jaxllm.trainer import Trainer
+from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.app.cli import main
+from jaxllm.core.guards import SpikeDetector
+from jaxllm.core.monitor import read_metrics
+from jaxllm.objectives import make_trainer
 from tests.conftest import ROOT, tiny_config
 
 STEPS = 120
@@ -26,7 +26,7 @@ RUN = [f"train.steps={STEPS}", "train.batch_size=8", "train.seq_len=64", "eval.e
 
 
 def _train_cmd(out, *extra):
-    return [sys.executable, "-m", "jaxllm.cli", "train", os.path.join(ROOT, "configs/runs/pretrain_tiny.yaml"),
+    return [sys.executable, "-m", "jaxllm.app.cli", "train", os.path.join(ROOT, "configs/runs/pretrain_tiny.yaml"),
             f"output_dir={out}", *RUN, "checkpoint.async_save=true", *extra]
 
 
@@ -59,9 +59,8 @@ def _final_params(out):
 
 
 def _abstract(out):
-    t = Trainer(tiny_config(out, *RUN))  # same model and shardings: the restore target
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        t._abs_params, t.shardings.params)
+    t = make_trainer(tiny_config(out, *RUN))  # same model and shardings: the restore target
+    return t.parts.abs_state.params  # ShapeDtypeStructs carrying the trainer's shardings
 
 
 def _assert_equal_params(a, b):
@@ -157,7 +156,7 @@ def test_sigkill_20_times_resumes_from_last_complete_checkpoint(tmp_path, env, r
 def test_nonfinite_updates_are_skipped_and_counted(tmp_path, where):
     cfg = tiny_config(tmp_path, "train.steps=8", "train.batch_size=8", "train.seq_len=64", "eval.every=0",
                       "checkpoint.every=4", "train.debug_nonfinite_steps=[3,6]", f"train.debug_nonfinite_in={where}")
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     t.run()
     m = {r["step"]: r for r in read_metrics(cfg.output_dir) if "finite" in r}
     assert [s for s in m if not m[s]["finite"]] == [3, 6] and m[8]["skipped"] == 2
@@ -195,7 +194,7 @@ def test_loss_spike_is_logged(tmp_path):
     """An absurd learning rate blows the loss up; the spike is logged with its step."""
     cfg = tiny_config(tmp_path, "train.steps=30", "train.batch_size=8", "train.seq_len=64", "eval.every=0",
                       "checkpoint.every=0", "optimizer.lr=3.0", "optimizer.warmup_steps=10", "train.spike_factor=1.5")
-    Trainer(cfg).run()
+    make_trainer(cfg).run()
     spikes = [r for r in read_metrics(cfg.output_dir) if r.get("loss_spike")]
     assert spikes and all(r["step"] > 5 for r in spikes)
 

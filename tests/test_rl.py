@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.config import RLConfig
-from jaxllm.monitor import read_metrics
-from jaxllm.rl import KLController
-from jaxllm.trainer import Trainer
+from jaxllm.core.monitor import read_metrics
+from jaxllm.rl.rollout import KLController
+from jaxllm.objectives import make_trainer
 from tests.conftest import stage_config
 
 QUIET = ["train.progress=false", "train.log_every=100"]
@@ -35,7 +35,7 @@ def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path):
                        "eval.every=40", "checkpoint.every=40", "optimizer.lr=1e-4", "rl.temperature=0.7",
                        "rl.eval_temperature=0.7", "rl.eval_prompts=48",
                        'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]')
-    Trainer(cfg).run()
+    make_trainer(cfg).run()
     first, last = _evals(cfg.output_dir)[0], _evals(cfg.output_dir)[-1]
     assert first["eval_kl"] == 0.0
     assert last["eval_reward"] > first["eval_reward"] + 0.5, (first, last)  # measured 0.22 -> 1.71
@@ -49,7 +49,7 @@ def _ppo(tmp, sft, rm, *ov):
     cfg = stage_config(tmp, "ppo_tiny", *QUIET, f"checkpoint.init_from={sft}", f"rl.critic_init={rm}",
                        f'rl.rewards=[{{kind: model, path: "{rm}"}}]', "train.steps=40", "eval.every=40",
                        "checkpoint.every=40", "rl.eval_prompts=48", *ov)
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     t.run()
     return cfg.output_dir, t
 
@@ -97,7 +97,7 @@ def test_label_writes_preferences_an_rm_trains_on(sft, reward_model, tmp_path, c
                           f'data.sources=[{{kind: jsonl, path: "{out}", text_field: "*"}}]', "data.eval_sources=[]",
                           "data.eval_fraction=0.2", "train.steps=150", "eval.every=150", "checkpoint.every=0",
                           "eval.batches=4")
-    Trainer(rm_cfg).run()
+    make_trainer(rm_cfg).run()
     evals = [m for m in read_metrics(rm_cfg.output_dir) if "eval_pair_accuracy" in m]
     assert evals[-1]["eval_pair_accuracy"] > 0.65 and evals[-1]["eval_pair_accuracy"] > evals[0]["eval_pair_accuracy"]
     assert main(["label", cfg, "--policy", sft, "--judge", rm, "--out", out]) == 2  # never overwritten
@@ -122,7 +122,7 @@ def test_label_with_a_judge_lm(sft, tmp_path, capsys):
     (["rl.group_size=1"], "needs rl.group_size >= 2"),
     (["train.steps=41"], "must be a multiple of rl.epochs*rl.minibatches"),
     (["rl.rewards=[]"], "needs at least one reward"),
-    (["data.kind=chat"], "reads prompts"),
+    (["data.kind=chat"], "reads data.kind in ['prompt']"),
     (["rl.max_new_tokens=40"], "exceeds train.seq_len"),
 ])
 def test_rl_config_errors(tmp_path, capsys, overrides, message):
@@ -141,7 +141,7 @@ def test_grpo_resume_is_exact(sft, tmp_path):
     def run(out, *ov):
         cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, f"output_dir={out}", f"checkpoint.init_from={sft}",
                            "train.steps=8", "eval.every=0", "checkpoint.every=4", "rl.max_new_tokens=6", *ov)
-        t = Trainer(cfg)
+        t = make_trainer(cfg)
         t.run()
         return t
 

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from jaxllm.config import MeshConfig, ModelConfig
-from jaxllm.inference import _sample
-from jaxllm.model import Transformer
-from jaxllm.sampler import filter_logits, generate_ids, pad_prompts, sample_token
-from jaxllm.sharding import make_mesh, make_rules, state_shardings
+from jaxllm.app.inference import _sample
+from jaxllm.core.model import Transformer
+from jaxllm.core.sampler import filter_logits, generate_ids, pad_prompts, sample_token
+from jaxllm.core.sharding import make_mesh, make_rules, state_shardings
 
 PROMPTS = [[2, 5, 9, 11], [2, 7], [2, 100, 200, 300, 400, 17], [2, 40, 41]]
 
@@ -80,8 +80,8 @@ def test_sharded_sampler_matches_single_device():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     rules = make_rules()
     params = jax.device_put(st, state_shardings(st, mesh, rules))
-    from jaxllm.rl import _sharded
-    out = generate_ids(g, params, _sharded(prompts, mesh, rules), 8, mesh=mesh, rules=rules)
+    from jaxllm.core.arrays import host_to_global
+    out = generate_ids(g, params, host_to_global(prompts, mesh, rules, process_local=False), 8, mesh=mesh, rules=rules)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logps), np.asarray(ref.logps), atol=1e-4)
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")

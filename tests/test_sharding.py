@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from jaxllm.config import MeshConfig
-from jaxllm.data.pipeline import to_global
+from jaxllm.core.arrays import to_global
 from jaxllm.errors import ConfigError
-from jaxllm.objectives import LOSSES, LossContext
-from jaxllm.optim import make_optimizer
-from jaxllm.sharding import make_mesh, make_rules, spec_for, use_mesh_rules
-from jaxllm.trainer import abstract_model, init_state, state_shardings_for
-from jaxllm.model import Transformer
+from jaxllm.objectives import REGISTRY, LossContext
+from jaxllm.core.optim import make_optimizer
+from jaxllm.core.sharding import make_mesh, make_rules, spec_for, use_mesh_rules
+from jaxllm.train.state import abstract_model, init_state, state_shardings_for
+from jaxllm.core.model import Transformer
 from jax.sharding import PartitionSpec as P
 
 MESHES = {
@@ -38,7 +38,7 @@ def _loss_and_grads(cfg, mesh_kwargs, devices, batch_np):
     def f(params, rest, batch):
         def loss(p):
             with use_mesh_rules(mesh, rules):
-                out = LOSSES["causal_lm"](nnx.merge(graphdef, p, rest), batch,
+                out = REGISTRY["causal_lm"].loss(nnx.merge(graphdef, p, rest), batch,
                                           LossContext(jax.random.key(0), cfg.objective))
             return out.loss_sum / out.denom
         return jax.value_and_grad(loss)(params)
@@ -100,6 +100,6 @@ def test_scan_layers_params_carry_layer_axis(tmp_path):
     cfg = tiny_config(tmp_path, "model.scan_layers=true", "model.remat=full")
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     graphdef, abs_p, abs_r = abstract_model(lambda r: Transformer(cfg.model, r), nnx.Param)
-    from jaxllm.sharding import state_shardings
+    from jaxllm.core.sharding import state_shardings
     sh = state_shardings(abs_p, mesh, make_rules())
     assert sh["blocks"]["mlp"]["gate"].get_value().spec == P(None, "fsdp", "tensor")

@@ -15,15 +15,15 @@ from tokenizers import Tokenizer as HFTok
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from jaxllm.cli import main
+from jaxllm.app.cli import main
 from jaxllm.data import chat, tasks
 from jaxllm.data.pipeline import prompt_example, preference_example, sequence_example, tokenize_docs
 from jaxllm.data.tokenizer import EOS_ID, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from jaxllm.errors import DataError
-from jaxllm.inference import generate, load_model
-from jaxllm.interop import hf
-from jaxllm.monitor import read_metrics
-from jaxllm.trainer import Trainer
+from jaxllm.app.inference import generate, load_model
+from jaxllm.app import hf
+from jaxllm.core.monitor import read_metrics
+from jaxllm.objectives import make_trainer
 from tests.conftest import stage_config
 
 torch.set_num_threads(2)
@@ -228,7 +228,7 @@ def test_sft_then_grpo_from_a_converted_model_use_its_template_and_ids(converted
     sft = stage_config(tmp_path / "sft", "sft_tiny", *common, f"checkpoint.init_from={out}", "train.steps=3",
                        "train.batch_size=8", "eval.every=0", "objective.eval_generate=0", "data.eval_sources=[]",
                        "data.eval_fraction=0")
-    trainer = Trainer(sft)
+    trainer = make_trainer(sft)
     tok = trainer.stage.tokenizer
     batch = trainer.stage.pipeline.train_dataset[0]
     answers = {r["answer"] for r in tasks.generate("mix", "train")}
@@ -242,7 +242,7 @@ def test_sft_then_grpo_from_a_converted_model_use_its_template_and_ids(converted
     grpo = stage_config(tmp_path / "grpo", "grpo_tiny", *common, f"checkpoint.init_from={sft.output_dir}",
                         "train.steps=2", "train.batch_size=8", "rl.group_size=4", "rl.minibatches=1",
                         "rl.max_new_tokens=6", "rl.eval_prompts=8", "eval.every=0")  # final eval: rollout shapes
-    Trainer(grpo).run()
+    make_trainer(grpo).run()
     metrics = read_metrics(grpo.output_dir)
     rollouts = [m for m in metrics if "reward_mean" in m]
     assert len(rollouts) == 2

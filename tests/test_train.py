@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from jaxllm.errors import TrainingHalted
-from jaxllm.monitor import read_metrics
-from jaxllm.objectives import LossOut, register_loss
-from jaxllm.trainer import Trainer
+from jaxllm.core.monitor import read_metrics
+from jaxllm.objectives import LossOut, Objective, make_trainer, register
 
 
 def _params(trainer):
@@ -27,7 +26,7 @@ def _unigram_entropy(pipeline):
 
 def test_causal_lm_learns_below_unigram_entropy(tiny):
     cfg = tiny("train.steps=150", "eval.every=150", "checkpoint.every=0", "train.log_every=50")
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     entropy, _ = _unigram_entropy(trainer.stage.pipeline)
     result = trainer.run()
     first_eval = read_metrics(cfg.output_dir)[0]
@@ -39,7 +38,7 @@ def test_causal_lm_learns_below_unigram_entropy(tiny):
 def test_masked_lm_beats_most_frequent_token(tiny):
     cfg = tiny("objective.name=masked_lm", "objective.mask_prob=0.3", "train.batch_size=32",
                "train.steps=200", "eval.every=0", "checkpoint.every=0", "train.log_every=50")
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     _, most_frequent = _unigram_entropy(trainer.stage.pipeline)
     result = trainer.run()
     # bidirectional masked-token accuracy clearly above always guessing the most frequent token
@@ -56,13 +55,13 @@ def test_bitwise_resume(tmp_path):
     n = 5
     common = ["train.steps=10", "checkpoint.every=0", "eval.every=0", "model.n_layers=2", "train.batch_size=8"]
     straight = tiny_config(tmp_path / "a", *common)
-    t_straight = Trainer(straight)
+    t_straight = make_trainer(straight)
     t_straight.run()
 
     resumed = tiny_config(tmp_path / "b", *common, f"train.stop_at={n}")
-    Trainer(resumed).run()  # stops after n steps with a checkpoint
+    make_trainer(resumed).run()  # stops after n steps with a checkpoint
     assert _losses(resumed.output_dir)[-1][0] == n
-    t_resumed = Trainer(tiny_config(tmp_path / "b", *common))  # same output_dir: resumes
+    t_resumed = make_trainer(tiny_config(tmp_path / "b", *common))  # same output_dir: resumes
     t_resumed.run()
 
     assert _losses(straight.output_dir) == _losses(resumed.output_dir)  # identical per-step losses
@@ -73,12 +72,12 @@ def test_bitwise_resume(tmp_path):
 def test_restore_reshards_onto_another_mesh(tmp_path):
     from tests.conftest import tiny_config
     common = ["train.steps=3", "checkpoint.every=0", "eval.every=0", "train.batch_size=8"]
-    saver = Trainer(tiny_config(tmp_path, *common, "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"))
+    saver = make_trainer(tiny_config(tmp_path, *common, "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"))
     saver.run()
     gate = saver.state.params["blocks"][0]["mlp"]["gate"].get_value()
     assert gate.sharding.spec[0] == "fsdp"
     # same output_dir, tensor-parallel mesh: resume restores the state resharded
-    loader = Trainer(tiny_config(tmp_path, *common, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4"))
+    loader = make_trainer(tiny_config(tmp_path, *common, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4"))
     state, _, _ = loader.initial_state()
     gate2 = state.params["blocks"][0]["mlp"]["gate"].get_value()
     assert gate2.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # fsdp has size 1 here
@@ -89,13 +88,13 @@ def test_restore_reshards_onto_another_mesh(tmp_path):
 
 def test_grad_accumulation_matches_big_batch(tmp_path):
     from tests.conftest import tiny_config
-    from jaxllm.data.pipeline import to_global
-    from jaxllm.trainer import make_train_step
+    from jaxllm.core.arrays import to_global
+    from jaxllm.train.step import make_train_step
     results = []
     for k in (1, 4):
         cfg = tiny_config(tmp_path / str(k), "train.batch_size=16", f"train.grad_accum={k}",
                           "model.n_layers=2", "mesh.fsdp=2", "mesh.data=2", "mesh.tensor=2")
-        t = Trainer(cfg)
+        t = make_trainer(cfg)
         state, _, _ = t.initial_state()
         step = make_train_step(t.graphdef, t.stage.loss_fn, cfg.objective, t.optimizer, t.lr_fn, seed=0,
                                nan_policy="skip", extras=t.stage.extras, mesh=t.mesh, rules=t.rules,
@@ -109,17 +108,19 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-@register_loss("test_nan")
 def _nan_loss(model, batch, ctx):
     logits = model(batch["inputs"])
     return LossOut(jnp.sum(logits) * jnp.nan, jnp.float32(1.0), {})
+
+
+register(Objective("test_nan", _nan_loss, ("text",)))  # an objective from outside the package
 
 
 def test_nan_skip_policy_keeps_params(tmp_path):
     from tests.conftest import tiny_config
     cfg = tiny_config(tmp_path, "objective.name=test_nan", "train.steps=3", "eval.every=0",
                       "checkpoint.every=0", "model.n_layers=1")
-    t = Trainer(cfg)
+    t = make_trainer(cfg)
     before, _, _ = t.initial_state()
     before = jax.tree.map(np.asarray, jax.device_get(before.params))
     t.run()
@@ -133,5 +134,5 @@ def test_nan_stop_policy_halts_with_step(tmp_path):
     cfg = tiny_config(tmp_path, "objective.name=test_nan", "train.steps=3", "eval.every=0",
                       "checkpoint.every=0", "model.n_layers=1", "train.nan_policy=stop")
     with pytest.raises(TrainingHalted, match="at step 1"):
-        Trainer(cfg).run()
+        make_trainer(cfg).run()
     assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoints", "1"))

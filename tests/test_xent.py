@@ -1,4 +1,4 @@
-"""The fused chunked LM-head + cross-entropy (jaxllm.xent) equals the plain logits path."""
+"""The fused chunked LM-head + cross-entropy (jaxllm.core.xent) equals the plain logits path."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm.objectives import token_nll
-from jaxllm.xent import chunking, fused_xent, token_logps
+from jaxllm.core.xent import chunking, fused_xent, token_logps
 
 
 def _plain(h, w, targets, weights, z_loss):
@@ -160,13 +160,13 @@ def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, m
     data x fsdp) give the plain logits path's loss, metrics and gradients."""
     from flax import nnx
     from jaxllm.config import MeshConfig, RLConfig
-    from jaxllm.data.pipeline import to_global
-    from jaxllm.model import Transformer
-    from jaxllm.objectives import LOSSES, LossContext
-    from jaxllm.rl import ActorCritic
-    from jaxllm.sharding import make_mesh, make_rules, use_mesh_rules
-    from jaxllm.trainer import abstract_model, init_state, state_shardings_for
-    from jaxllm.optim import make_optimizer
+    from jaxllm.core.arrays import to_global
+    from jaxllm.core.model import Transformer
+    from jaxllm.objectives import REGISTRY, LossContext
+    from jaxllm.core.model import ActorCritic
+    from jaxllm.core.sharding import make_mesh, make_rules, use_mesh_rules
+    from jaxllm.train.state import abstract_model, init_state, state_shardings_for
+    from jaxllm.core.optim import make_optimizer
     from tests.conftest import tiny_config
     cfg = tiny_config(tmp_path, "model.n_kv_heads=4", "objective.xent_chunk_tokens=32")
     mesh, rules = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()), make_rules()
@@ -178,10 +178,10 @@ def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, m
     batch_np = _rl_batches(np.random.default_rng(0), 8, 32, cfg.model.vocab_size)[loss_name]
     batch = jax.tree.map(lambda x: x[0], to_global(batch_np, mesh, rules))
     rl = RLConfig(temperature=0.8, kl_coef=0.05)
-    import jaxllm.objectives as objectives
+    import jaxllm.core.xent as xent
     calls = {}
-    real = objectives.token_logps
-    monkeypatch.setattr(objectives, "token_logps", lambda *a: calls.setdefault(0, True) and real(*a))
+    real = xent.token_logps
+    monkeypatch.setattr(xent, "token_logps", lambda *a: calls.setdefault(0, True) and real(*a))
 
     def run(chunk):
         obj = dataclasses.replace(cfg.objective, name=loss_name, xent_chunk_tokens=chunk)
@@ -190,7 +190,7 @@ def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, m
         def f(params, rest, batch):
             def loss(p):
                 with use_mesh_rules(mesh, rules):
-                    out = LOSSES[loss_name](nnx.merge(graphdef, p, rest), batch,
+                    out = REGISTRY[loss_name].loss(nnx.merge(graphdef, p, rest), batch,
                                             LossContext(jax.random.key(0), obj, extras={"rl": rl}))
                 return out.loss_sum / out.denom, out.metrics
             return jax.value_and_grad(loss, has_aux=True)(params)

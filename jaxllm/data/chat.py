@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxllm.errors import DataError
+from jaxllm.errors import DataError, require
 
 ROLES = ("system", "user", "assistant")
 
@@ -122,7 +122,6 @@ class JaxllmChat:
 # ---- a Hugging Face chat template --------------------------------------------------------------
 def compile_template(template: str, where: str):
     """A chat template -> a jinja2 Template in the environment transformers renders them in."""
-    from jaxllm.data.tokenizer import require
     jinja2 = require("jinja2")
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment

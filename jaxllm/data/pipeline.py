@@ -188,25 +188,6 @@ def _check_vocab(windows: list, tok: Tokenizer) -> None:
 
 
 # ---- host -> device -----------------------------------------------------------------------
-def to_global(batch: dict, mesh, rules, grad_accum: int = 1) -> dict:
-    """Per-process numpy batch [b, ...] -> global jax arrays, sharded over the batch axis.
-
-    With grad_accum = A, each array becomes [A, b/A, ...] (micro-batch index first, unsharded)."""
-    from jaxllm.sharding import batch_sharding
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.dtype.kind in "USO":  # text fields (prompts, reference answers) stay on the host
-            continue
-        if grad_accum > 1:
-            v = v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
-        else:
-            v = v[None]
-        sharding = batch_sharding(mesh, rules, v.ndim, leading=1)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
-
-
 # ---- chat, preference and prompt examples -------------------------------------------------
 def _pad_to(x: np.ndarray, n: int, value: int = 0) -> np.ndarray:
     return np.concatenate([x[:n], np.full(max(n - len(x), 0), value, x.dtype)])

@@ -241,3 +241,14 @@ def _read_generated(src: SourceConfig) -> SourceData:
     from jaxllm.data import tasks
     records = tasks.generate(src.name, src.split, src.size)
     return SourceData(records, Report(read=len(records), kept=len(records)))
+
+
+def texts_for_tokenizer(inputs: list[str], field: str = "text") -> list[str]:
+    """Texts to train a tokenizer on: files by pattern (kind from the extension), or the embedded corpus."""
+    if not inputs:
+        return [r["text"] for r in read_source(SourceConfig(kind="default")).records]
+    texts = []
+    for pattern in inputs:
+        kind = "jsonl" if pattern.endswith((".jsonl", ".json")) else "parquet" if pattern.endswith(".parquet") else "text"
+        texts += [r["text"] for r in read_source(SourceConfig(kind=kind, path=pattern, text_field=field)).records]
+    return texts

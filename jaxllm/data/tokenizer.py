@@ -35,7 +35,7 @@ from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
-from jaxllm.errors import DataError
+from jaxllm.errors import DataError, require
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # jaxllm's own tokenizers only
 SPECIAL_TOKENS = ("<mask>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -100,15 +100,6 @@ def _resolve(path: str) -> tuple[type, str]:
         raise DataError(f"tokenizer file not found: {path}; train one with `jaxllm tokenizer train` or set "
                         f"data.tokenizer=PATH.model, PATH/tokenizer.json or a directory holding one")
     return (HFTokenizer if path.endswith(".json") else SentencePieceTokenizer), path
-
-
-def require(module: str):
-    """Imports an optional dependency of the `hf` extra, or says how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DataError(f"Hugging Face tokenizer support needs the `{module}` package: "
-                        f"pip install 'jaxllm[hf]'") from None
 
 
 class Tokenizer:

@@ -4,30 +4,22 @@ per stage and the checkpoint lineage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import numpy as np
 
-from jaxllm.monitor import read_metrics
-
-# objective -> (held-out metric, higher is better, what it means)
-HEADLINE = {
-    "causal_lm": ("eval_loss", False, "held-out loss (nats/token)"),
-    "masked_lm": ("eval_accuracy", True, "masked-token accuracy"),
-    "sft": ("eval_exact_match", True, "exact match of greedy answers"),
-    "reward_bt": ("eval_pair_accuracy", True, "held-out pair accuracy"),
-    "dpo": ("eval_reward_accuracy", True, "implicit reward accuracy"),
-    "ppo": ("eval_reward", True, "held-out reward"),
-    "grpo": ("eval_reward", True, "held-out reward"),
-}
-CURVES = {"causal_lm": ["loss"], "sft": ["loss"], "reward_bt": ["loss", "pair_accuracy"],
-          "dpo": ["loss", "reward_accuracy"], "ppo": ["reward_mean", "kl"], "grpo": ["reward_mean", "kl"]}
-
+from jaxllm.app.inference import load_model
+from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.core.monitor import read_metrics
+from jaxllm.core.sampler import sample_ids
+from jaxllm.data.chat import prompt_ids
+from jaxllm.objectives import REGISTRY, build_stage
 
 def unigram_entropy(run_cfg) -> float:
     """Entropy of the held-out tokens' unigram distribution: the loss of a model that ignores context."""
-    from jaxllm.stages import build_stage
     batches = build_stage(run_cfg).pipeline.eval_batches
     toks = np.concatenate([b["targets"][b["loss_mask"] == 1] for b in batches])
     p = np.bincount(toks).astype(float)
@@ -63,13 +55,12 @@ def _plot(name: str, rows: list, keys: list, path: str) -> None:
     plt.close(fig)
 
 
-def _samples(stage_out: str, objective: str, rep) -> list[tuple[str, str]]:
-    from jaxllm.data.chat import prompt_ids
-    from jaxllm.inference import load_model, sample_ids
-    if objective in ("reward_bt", "masked_lm"):
+def _samples(stage_out: str, kind: str, rep) -> list[tuple[str, str]]:
+    """Greedy completions of the report's prompts: "text" prompts, "chat" prompts, or none."""
+    if not kind:
         return []
     model, tok, _ = load_model(stage_out)
-    if objective == "causal_lm":
+    if kind == "text":
         prompts = rep.text_prompts
         ids = [tok.encode(p, bos=True) for p in prompts]
         stop = tok.eos_ids
@@ -81,31 +72,42 @@ def _samples(stage_out: str, objective: str, rep) -> list[tuple[str, str]]:
     return [(p, tok.decode(o)) for p, o in zip(prompts, outs)]
 
 
-def write_report(cfg, base: str, stages) -> str:
-    from jaxllm import checkpoint as ckpt_lib
-    from jaxllm.pipeline import DONE, run_config, stage_dir
-    out_dir = os.path.join(os.path.abspath(cfg.output_dir), "report")
+@dataclasses.dataclass
+class StageRun:
+    """A finished stage as the report sees it."""
+    name: str
+    kind: str  # "train" or "tokenizer"
+    out_dir: str
+    done: dict  # its stage_done.json: wall_s, result
+    run_cfg: Any = None  # RunConfig of a train stage
+
+
+def write_report(output_dir: str, stages: list, rep) -> str:
+    """report/report.md (+ PNG curves, verdicts.json) under `output_dir` for the finished `stages`
+    (StageRun); `rep`: the pipeline's report section (prompts, text_prompts, max_new_tokens)."""
+    out_dir = os.path.join(os.path.abspath(output_dir), "report")
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# Pipeline report", "", f"Output: `{os.path.abspath(cfg.output_dir)}`", "",
+    lines = ["# Pipeline report", "", f"Output: `{os.path.abspath(output_dir)}`", "",
              "| stage | objective | held-out metric | before | after | moved the right way | wall s |",
              "|---|---|---|---|---|---|---|"]
     details, total_wall, verdicts = [], 0.0, {}
     for s in stages:
-        done = json.load(open(os.path.join(stage_dir(cfg, s.name), DONE)))
+        done = s.done
         total_wall += done["wall_s"]
         if s.kind == "tokenizer":
             lines.append(f"| {s.name} | tokenizer | vocab size | - | {done['result']['vocab_size']} | - | "
                          f"{done['wall_s']:.0f} |")
             continue
-        run_cfg = run_config(cfg, base, s)
+        run_cfg = s.run_cfg
         obj = run_cfg.objective.name
-        rows = read_metrics(stage_dir(cfg, s.name))
+        objective = REGISTRY.pick(obj)
+        rows = read_metrics(s.out_dir)
         evals = _evals(rows)
-        metric, higher, what = HEADLINE.get(obj, ("eval_loss", False, "held-out loss"))
+        metric, higher, what = objective.headline
         vals = [r[metric] for r in evals if metric in r]
         before, after = (vals[0], vals[-1]) if vals else (None, None)
         extra = ""
-        if obj == "causal_lm":
+        if metric == "eval_loss":  # a loss in nats/token: compare with a model that ignores context
             base_h = unigram_entropy(run_cfg)
             extra = f" (unigram baseline {base_h:.2f})"
             ok = after is not None and after < base_h
@@ -116,23 +118,23 @@ def write_report(cfg, base: str, stages) -> str:
         lines.append(f"| {s.name} | {obj} | {what}{extra} | {fmt(before)} | {fmt(after)} | "
                      f"{'yes' if ok else 'NO'} | {done['wall_s']:.0f} |")
         png = f"{s.name}.png"
-        _plot(s.name, rows, CURVES.get(obj, ["loss"]), os.path.join(out_dir, png))
+        _plot(s.name, rows, list(objective.curves), os.path.join(out_dir, png))
         kl = [r["eval_kl"] for r in evals if "eval_kl" in r]
         detail = [f"## {s.name} ({obj})", "", f"![{s.name}]({png})", ""]
         if kl:
             detail.append(f"KL to the reference on held-out prompts (nats/sequence): {kl[0]:.3f} -> {kl[-1]:.3f}")
             detail.append("")
-        terms = sorted({k for r in evals for k in r if k.startswith("eval_reward_") and obj in ("ppo", "grpo")})
+        terms = sorted({k for r in evals for k in r if k.startswith("eval_reward_") and metric == "eval_reward"})
         if terms:  # each reward term on its own: a rising total can hide a falling verifiable term
             detail.append("Reward terms (held-out, before -> after): " + ", ".join(
                 f"{k[len('eval_reward_'):]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in terms))
             detail.append("")
-        samples = _samples(stage_dir(cfg, s.name), obj, cfg.report)
+        samples = _samples(s.out_dir, objective.report_samples, rep)
         if samples:
             detail += ["| prompt | greedy completion |", "|---|---|"]
             detail += [f"| `{p!r}` | `{c!r}` |" for p, c in samples]
             detail.append("")
-        chain = ckpt_lib.lineage(stage_dir(cfg, s.name))
+        chain = ckpt_lib.lineage(s.out_dir)
         detail.append("Lineage: " + " <- ".join(f"{stage or '?'}@{step}" for _, stage, step in chain))
         detail.append("")
         details += detail

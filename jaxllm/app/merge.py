@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm import checkpoint as ckpt_lib
+from jaxllm.core import checkpoint as ckpt_lib
 from jaxllm.config import FinetuneConfig, LORA_TARGETS, RunConfig, from_dict, to_dict
 from jaxllm.errors import CheckpointError
-from jaxllm.model import LoRA
-from jaxllm.sharding import make_mesh, make_rules, state_shardings
+from jaxllm.core.model import LoRA
+from jaxllm.core.sharding import make_mesh, make_rules, state_shardings
+from jaxllm.objectives import model_class
+from jaxllm.train.state import abstract_like, abstract_model
 
 
 def fold_adapters(model: nnx.Module) -> int:
@@ -38,10 +40,6 @@ def fold_adapters(model: nnx.Module) -> int:
 
 
 def merge_checkpoint(path: str, out_dir: str) -> dict:
-    from jaxllm.stages import SPECS, build_stage  # noqa: F401  (SPECS picks the model class)
-    from jaxllm.model import ScalarHeadModel, Transformer
-    from jaxllm.trainer import abstract_like, abstract_model
-
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"output directory {out_dir} already exists and is not empty; choose a new --out")
@@ -51,7 +49,7 @@ def merge_checkpoint(path: str, out_dir: str) -> dict:
     if cfg.finetune.mode != "lora":
         raise CheckpointError(f"checkpoint {path} was trained with finetune.mode={cfg.finetune.mode}; "
                               f"only LoRA checkpoints need merging")
-    cls = ScalarHeadModel if SPECS.get(cfg.objective.name) and SPECS[cfg.objective.name].model == "scalar" else Transformer
+    cls = model_class(cfg.objective.name)
     make_model = lambda rngs: cls(cfg.model, rngs, cfg.finetune)
     graphdef, abs_params, abs_rest = abstract_model(make_model, nnx.LoRAParam)
     mesh = make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))

@@ -23,7 +23,7 @@ def _set_cpu_devices(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxllm", description="Train a language model through every stage.")
     p.add_argument("--cpu-devices", type=int, help="simulate N CPU devices (set before JAX starts)")
-    mh = p.add_argument_group("multi-host (default: from JAXLLM_*/SLURM/TPU environment; see jaxllm/distributed.py)")
+    mh = p.add_argument_group("multi-host (default: from JAXLLM_*/SLURM/TPU environment; see jaxllm/core/distributed.py)")
     mh.add_argument("--coordinator", help="HOST:PORT of process 0")
     mh.add_argument("--num-processes", type=int)
     mh.add_argument("--process-id", type=int)
@@ -111,9 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard; 0 = off")
     dp.add_argument("overrides", nargs="*")
 
-    from jaxllm.plan import add_plan_parser  # `jaxllm plan`: lives with its logic in plan.py
     add_plan_parser(sub)
     return p
+
+
+def add_plan_parser(sub) -> None:
+    pp = sub.add_parser("plan", help="will a run config fit on a TPU topology or GPUs? memory, FLOPs, step time",
+                        description="Exit codes: 0 fits, 2 user error (config, topology, sharding, compile), "
+                                    "3 does not fit in HBM.")
+    pp.add_argument("config", help="run config YAML")
+    pp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    where = pp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", help="TPU slice: v5p-8, v5p-256, v4-128, v5e-16, v5litepod-16, v6e-64, v5p:4x4x8")
+    where.add_argument("--gpu", help="GPUs: h100x8, h100x64 (8 per node), h200x16, ...")
+    pp.add_argument("--num-slices", type=int, default=1, help="TPU slices joined over DCN (mesh.dcn_* product)")
+    pp.add_argument("--analytic", action="store_true", help="TPU: estimate from formulas, do not compile")
+    pp.add_argument("--no-xla-flops", action="store_true", help="skip the XLA FLOP cross-check (saves a few s)")
+    pp.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,14 +163,14 @@ def _quiet_library_logs() -> None:
 
 
 def _start_distributed(args) -> None:
-    from jaxllm.distributed import DistributedArgs, initialize
+    from jaxllm.core.distributed import DistributedArgs, initialize
     initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
                                args.heartbeat_timeout))
 
 
 def cmd_train(args) -> int:
     from jaxllm.config import load_config
-    from jaxllm.trainer import train
+    from jaxllm.objectives import train
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
@@ -164,7 +178,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxllm.inference import generate, load_model
+    from jaxllm.app.inference import generate, load_model
     model, tok, meta = load_model(args.ckpt)
     prompts = args.prompt or ["The "]
     for prompt, text in zip(prompts, generate(model, tok, prompts, args.max_new, args.temperature, args.seed,
@@ -174,7 +188,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from jaxllm import checkpoint as ckpt_lib
+    from jaxllm.core import checkpoint as ckpt_lib
     src, step = ckpt_lib.open_for_read(args.ckpt)
     meta = src.metadata(step)
     print(f"checkpoint: {src.directory}/{step}")
@@ -190,22 +204,11 @@ def cmd_info(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     from jaxllm.data.tokenizer import train_tokenizer
-    texts = _texts_for_tokenizer(args.input, args.text_field)
+    from jaxllm.data.sources import texts_for_tokenizer
+    texts = texts_for_tokenizer(args.input, args.text_field)
     tok = train_tokenizer(texts, args.out, args.vocab_size, args.model_type)
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
     return 0
-
-
-def _texts_for_tokenizer(inputs: list[str], field: str):
-    from jaxllm.config import SourceConfig
-    from jaxllm.data.sources import read_source
-    if not inputs:
-        return [r["text"] for r in read_source(SourceConfig(kind="default")).records]
-    texts = []
-    for pattern in inputs:
-        kind = "jsonl" if pattern.endswith((".jsonl", ".json")) else "parquet" if pattern.endswith(".parquet") else "text"
-        texts += [r["text"] for r in read_source(SourceConfig(kind=kind, path=pattern, text_field=field)).records]
-    return texts
 
 
 def cmd_data(args) -> int:
@@ -221,7 +224,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from jaxllm.pipeline import run_pipeline
+    from jaxllm.app.pipeline import run_pipeline
     run_pipeline(args.config, args.overrides, args.from_stage, report=not args.no_report,
                  log=lambda m: print(m, flush=True))
     return 0
@@ -230,7 +233,7 @@ def cmd_pipeline(args) -> int:
 def cmd_label(args) -> int:
     from jaxllm.config import load_config
     from jaxllm.data.pipeline import load_splits
-    from jaxllm.label import label
+    from jaxllm.app.label import label
     cfg = load_config(args.config, args.overrides)
     records = [r for part in load_splits(cfg.data).train for r in part if isinstance(r, dict) and "prompt" in r]
     prompts = [r["prompt"] for r in records][: args.n or None]
@@ -241,13 +244,13 @@ def cmd_label(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from jaxllm.merge import merge_checkpoint
+    from jaxllm.app.merge import merge_checkpoint
     print(json.dumps(merge_checkpoint(args.ckpt, args.out)))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from jaxllm.interop import hf
+    from jaxllm.app import hf
     if args.convert_command == "hf-to-jaxllm":
         mesh = None
         if args.mesh:
@@ -268,7 +271,7 @@ COMMANDS["convert"] = cmd_convert
 
 
 def cmd_plan(args) -> int:
-    from jaxllm.plan import run_cli
+    from jaxllm.app.plan import run_cli
     return run_cli(args)
 
 

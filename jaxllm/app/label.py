@@ -20,27 +20,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.app.inference import load_model
+from jaxllm.core.arrays import positions_from_segments
+from jaxllm.core.loading import single_device_mesh
+from jaxllm.core.sampler import completions as completion_tokens
+from jaxllm.core.sampler import generate_ids, pad_prompts, prompt_masks
+from jaxllm.core.sharding import make_rules
 from jaxllm.data.chat import pair, prompt_ids
 from jaxllm.errors import ConfigError, DataError
-from jaxllm.sampler import completions as completion_tokens
-from jaxllm.sampler import generate_ids, pad_prompts, prompt_masks
+from jaxllm.rl.rewards import _score_last, load_scalar_model
 
 JUDGE_TEMPLATE = ("Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\n"
                   "Which answer is better? Reply with A or B.")
 
 
 def _rm_scores(judge_path: str, tok, prompts: list, completions: list) -> np.ndarray:
-    from jaxllm.rewards import _score_last, load_scalar_model
-    from jaxllm.sharding import make_rules
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    graphdef, params = load_scalar_model(judge_path, mesh, make_rules(), tok)
+    graphdef, params = load_scalar_model(judge_path, single_device_mesh(), make_rules(), tok)
     seqs = [pair(tok, p, c)[0] for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
     inputs = np.full((len(seqs), width), tok.pad_id, np.int32)  # right-padded; seg marks the real tokens
     seg = np.zeros_like(inputs)
     for i, s in enumerate(seqs):
         inputs[i, :len(s)], seg[i, :len(s)] = s, 1
-    pos = np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32)
+    pos = positions_from_segments(seg)
     return np.asarray(_score_last(graphdef, params, jnp.asarray(inputs), jnp.asarray(pos), jnp.asarray(seg)))
 
 
@@ -57,7 +59,7 @@ def lm_preference(model, tok, prompt: str, a: str, b: str) -> float:
     ids = [prompt_ids(tok, JUDGE_TEMPLATE.format(prompt=prompt, a=x, b=y)) for x, y in ((a, b), (b, a))]
     batch = pad_prompts(ids, pad_id=tok.pad_id)
     seg = prompt_masks(ids)
-    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
+    pos = positions_from_segments(seg)
     logits = np.asarray(model(jnp.asarray(batch), jnp.asarray(pos), jnp.asarray(seg))[:, -1])
     two = logits[:, [id_a, id_b]]
     p = np.exp(two - two.max(1, keepdims=True))
@@ -69,7 +71,6 @@ def label(policy: str, prompts: list, out: str, k: int = 4, judge: str = "", jud
           max_new: int = 16, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
           batch: int = 64) -> dict:
     """Writes `out` (JSONL) and returns a summary. Never overwrites an existing file."""
-    from jaxllm.inference import load_model
     if os.path.exists(out):
         raise DataError(f"{out} already exists; pick a new --out (labels are never overwritten)")
     if k < 2:

@@ -15,6 +15,9 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import RLConfig, RewardConfig
+from jaxllm.core.arrays import last_token_index
+from jaxllm.core.loading import load_model
+from jaxllm.core.model import ScalarHeadModel
 from jaxllm.errors import ConfigError
 
 
@@ -56,27 +59,9 @@ def load_function(spec: str) -> Callable:
 # ---- reward model ---------------------------------------------------------------------------
 def load_scalar_model(path: str, mesh, rules, tok=None):
     """Reward-model checkpoint -> (graphdef, params on the mesh). Checks the tokenizer."""
-    from jaxllm import checkpoint as ckpt_lib
-    from jaxllm.config import ModelConfig, from_dict
-    from jaxllm.model import ScalarHeadModel
-    from jaxllm.sharding import state_shardings
-    src, step = ckpt_lib.open_for_read(path)
-    meta = src.metadata(step)
-    if tok is not None:
-        from jaxllm.trainer import check_tokenizer
-        check_tokenizer(meta, tok, path)
-    cfg = from_dict(ModelConfig, meta["model"], "model.")
-    abstract = nnx.eval_shape(lambda: ScalarHeadModel(cfg, nnx.Rngs(0)))
-    graphdef, abs_params = nnx.split(abstract, nnx.Param)
-    saved = src.param_shapes(step)
-    if "score" not in saved:
-        raise ConfigError(f"rl.rewards: {path} is not a reward-model checkpoint (no 'score' head); "
-                          f"give the output of a reward_bt run")
-    shard = state_shardings(abs_params, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shard)
-    params = src.restore(step, target)["params"]
-    src.close()
-    return graphdef, params
+    model, _ = load_model(path, ScalarHeadModel, mesh, rules, tok, require="score",
+                          hint="rl.rewards kind=model takes the output of a reward_bt run")
+    return nnx.split(model, nnx.Param)  # a scalar-head model holds nothing but params
 
 
 @jax.jit
@@ -84,9 +69,7 @@ def _score_last(graphdef, params, inputs, positions, segment_ids):
     """Scalar reward read at the last real token of each [B, T] sequence."""
     model = nnx.merge(graphdef, params)
     scores = model.scores(inputs, positions, segment_ids)
-    T = segment_ids.shape[1]
-    last = T - 1 - jnp.argmax(segment_ids[:, ::-1] != 0, axis=1)
-    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(scores, last_token_index(segment_ids)[:, None], axis=1)[:, 0]
 
 
 class Rewards:

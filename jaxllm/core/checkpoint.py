@@ -150,7 +150,7 @@ def _restore_args(target, partial: bool):
 
 
 def _flatten(tree) -> list:
-    from jaxllm.sharding import path_str
+    from jaxllm.core.sharding import path_str
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if hasattr(leaf, "shape"):

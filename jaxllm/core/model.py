@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.sharding import constrain
+from jaxllm.core.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully-masked rows (padding) give a uniform softmax, not NaN
 
@@ -385,9 +385,20 @@ class ScalarHeadModel(Transformer):
         return self.scores(tokens, positions, segment_ids)
 
 
-def last_token_index(segment_ids):
-    """[B, T] segment ids (0 = pad, right-padded) -> [B] index of the last real token."""
-    return jnp.maximum(jnp.sum(segment_ids != 0, axis=-1) - 1, 0)
+class ActorCritic(nnx.Module):
+    """PPO's policy (LM head) and critic (scalar head on its own trunk), trained together."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
+        self.actor = Transformer(cfg, rngs, lora)
+        self.critic = ScalarHeadModel(cfg, rngs, lora)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):
+        """-> (logits [B, T, V], values [B, T])."""
+        return self.actor(tokens, positions, segment_ids), self.critic.scores(tokens, positions, segment_ids)
+
+
+# The model classes an objective can train, by the name its record gives (Objective.model).
+MODEL_CLASSES = {"lm": Transformer, "scalar": ScalarHeadModel, "actor_critic": ActorCritic}
 
 
 # ---- accounting ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """On-policy RL (PPO, GRPO) as a data source for the one train loop.
 
-The loop asks `ExperienceIterator.next_for(state)` for each batch. At a rollout boundary it
+The loop asks its batch source, here `ExperienceIterator.next(state)`, for each batch. At a rollout boundary it
 samples completions with the current policy (KV-cache sampler, same mesh), scores them (rewards,
 reference and old log-probs, PPO values), computes advantages and cuts the rollout into
 `rl.minibatches` shuffled mini-batches for each of `rl.epochs` epochs. The train step itself is
@@ -20,23 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import ModelConfig, RLConfig, RunConfig
-from jaxllm.model import ScalarHeadModel, Transformer
-from jaxllm.objectives import gae, group_advantages, kl_penalty, lm_token_logps
-from jaxllm.sampler import generate_ids
-from jaxllm.sharding import batch_sharding, use_mesh_rules
-
-
-class ActorCritic(nnx.Module):
-    """PPO's policy (LM head) and critic (scalar head on its own trunk), trained together."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
-        self.actor = Transformer(cfg, rngs, lora)
-        self.critic = ScalarHeadModel(cfg, rngs, lora)
-
-    def __call__(self, tokens, positions=None, segment_ids=None, causal: bool = True):
-        """-> (logits [B, T, V], values [B, T])."""
-        return self.actor(tokens, positions, segment_ids), self.critic.scores(tokens, positions, segment_ids)
+from jaxllm.config import RLConfig, RunConfig
+from jaxllm.core.arrays import host_to_global, positions_from_segments
+from jaxllm.core.model import ActorCritic
+from jaxllm.core.sampler import generate_ids
+from jaxllm.core.sharding import use_mesh_rules
+from jaxllm.core.xent import lm_token_logps
+from jaxllm.rl.algorithms import ADVANTAGES, Scored, kl_penalty
+from jaxllm.rl.rewards import Rewards
 
 
 def policy_of(graphdef, state, actor_critic: bool):
@@ -66,7 +57,7 @@ def layout(prompts: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray, mas
     full = np.concatenate([prompts, np.where(mask > 0, tokens, pad_id)], axis=1)
     real = np.concatenate([prompt_mask > 0, mask > 0], axis=1)
     seg = real.astype(np.int32)
-    pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    pos = positions_from_segments(seg)
     P = prompts.shape[1]
     loss_mask = np.zeros_like(seg)
     loss_mask[:, P:] = mask
@@ -74,10 +65,9 @@ def layout(prompts: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray, mas
             "positions": pos[:, :-1], "segment_ids": seg[:, :-1], "loss_mask": loss_mask[:, 1:]}
 
 
-def _sharded(x: np.ndarray, mesh, rules, leading: int = 0):
+def _global(x: np.ndarray, ctx: "RLContext", leading: int = 0):
     """Identical host array on every process -> global array sharded over the batch axis."""
-    sharding = batch_sharding(mesh, rules, x.ndim, leading)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return host_to_global(x, ctx.mesh, ctx.rules, leading, process_local=False)
 
 
 def _host(x) -> np.ndarray:
@@ -103,15 +93,9 @@ def stop_ids(tok) -> set:
     return set(tok.chat.stop_ids)
 
 
-def _whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask.astype(bool)
-    mu, sd = x[m].mean(), x[m].std()
-    return np.where(m, (x - mu) / (sd + 1e-8), 0.0).astype(np.float32)
-
-
 @dataclasses.dataclass
 class RLContext:
-    """What rollouts need besides the train state; built by the Trainer."""
+    """What rollouts need besides the train state; built by `experience_source`."""
     cfg: RunConfig
     graphdef: nnx.GraphDef  # the trained model's (Transformer, or ActorCritic for PPO)
     reference: nnx.State  # frozen policy weights
@@ -121,9 +105,13 @@ class RLContext:
     tokenizer: object
     rewards: object  # rewards.Rewards
     actor_critic: bool
+    advantage: str  # a key of algorithms.ADVANTAGES
 
 
 class ExperienceIterator:
+    """The batch source of on-policy objectives: rollouts of the current policy, scored, cut into
+    mini-batches. State for checkpoints: the prompt iterator's, the rollout count, the KL coef."""
+
     def __init__(self, ctx: RLContext, prompt_iter, data_state: Optional[dict]):
         self.ctx, self.prompts = ctx, prompt_iter
         rl = ctx.cfg.rl
@@ -143,7 +131,7 @@ class ExperienceIterator:
         m, self.metrics = self.metrics, {}
         return m
 
-    def next_for(self, state) -> dict:
+    def next(self, state) -> dict:
         if not self.queue:
             self._rollout(state)
         return self.queue.pop(0)
@@ -162,15 +150,15 @@ class ExperienceIterator:
         pol_graphdef, pol_state = policy_of(ctx.graphdef, params, ctx.actor_critic)
         key = jax.random.fold_in(jax.random.key(cfg.seed + 7), self.rollouts)
         tok = ctx.tokenizer
-        out = generate_ids(pol_graphdef, pol_state, _sharded(prompts, ctx.mesh, ctx.rules), rl.max_new_tokens,
+        out = generate_ids(pol_graphdef, pol_state, _global(prompts, ctx), rl.max_new_tokens,
                            rng=key, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                            eos_id=tok.chat.stop_ids, pad_id=tok.pad_id,
-                           prompt_mask=_sharded(prompt_mask, ctx.mesh, ctx.rules), mesh=ctx.mesh, rules=ctx.rules)
+                           prompt_mask=_global(prompt_mask, ctx), mesh=ctx.mesh, rules=ctx.rules)
         tokens, mask, finished = _host(out.tokens), _host(out.mask), _host(out.finished)
         t_sample = time.perf_counter() - t0
 
         batch = layout(prompts, prompt_mask, tokens, mask, tok.pad_id)
-        dev = {k: _sharded(v, ctx.mesh, ctx.rules) for k, v in batch.items()}
+        dev = {k: _global(v, ctx) for k, v in batch.items()}
         completions = [ctx.tokenizer.decode([t for t, m in zip(row, mrow) if m and t not in self._stops])
                        for row, mrow in zip(tokens, mask)]
         lengths = mask.sum(1)
@@ -191,23 +179,12 @@ class ExperienceIterator:
         metrics = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
                    "kl": float(seq_kl.mean()), "response_length": float(lengths.mean()),
                    "finished_fraction": float(finished.mean()), "kl_coef": self.kl.coef, **parts}
-        if ctx.actor_critic:
-            values = _host(values).astype(np.float32) * m
-            last = self._last_index(m)
-            rewards = -self.kl.coef * tok_kl
-            rewards[np.arange(len(scores)), last] += scores
-            adv, returns = (np.asarray(x) for x in gae(rewards, values, m, rl.gamma, rl.lam))
-            batch.update(old_values=values, returns=returns.astype(np.float32),
-                         advantages=_whiten(adv, m) if rl.whiten_advantages else adv.astype(np.float32))
-            var = returns[m > 0].var()
-            metrics["value_explained_var"] = float(1 - (returns - values)[m > 0].var() / var) if var > 0 else 0.0
-        else:
-            adv = np.asarray(group_advantages(scores, G, normalize_std=rl.advantage_norm == "std"))
-            flat = scores.reshape(-1, G)
-            live = np.repeat(flat.max(1) > flat.min(1), G)  # all-equal groups give no gradient
-            batch["loss_mask"] = batch["loss_mask"] * live[:, None]
-            batch["advantages"] = (adv[:, None] * batch["loss_mask"]).astype(np.float32)
-            metrics["live_group_fraction"] = float(live.mean())
+        estimator = ADVANTAGES.pick(ctx.advantage)
+        scored = Scored(scores=scores, loss_mask=batch["loss_mask"], token_kl=tok_kl, kl_coef=self.kl.coef,
+                        group_size=G, values=_host(values).astype(np.float32) if ctx.actor_critic else None)
+        updates, adv_metrics = estimator(scored, rl)
+        batch.update(updates)
+        metrics.update(adv_metrics)
         self.kl.update(float(seq_kl.mean()), len(scores))
         self._enqueue(batch)
         self.rollouts += 1
@@ -218,11 +195,6 @@ class ExperienceIterator:
     def _stops(self):
         return stop_ids(self.ctx.tokenizer)
 
-    @staticmethod
-    def _last_index(m: np.ndarray) -> np.ndarray:
-        T = m.shape[1]
-        return T - 1 - np.argmax(m[:, ::-1] > 0, axis=1)
-
     def _enqueue(self, batch: dict) -> None:
         rl, cfg = self.ctx.cfg.rl, self.ctx.cfg
         n, b = len(batch["inputs"]), cfg.train.batch_size
@@ -230,7 +202,7 @@ class ExperienceIterator:
             order = np.random.default_rng([cfg.seed, self.rollouts, epoch]).permutation(n)
             for i in range(rl.minibatches):
                 idx = order[i * b:(i + 1) * b]
-                self.queue.append({k: _sharded(v[idx][None], self.ctx.mesh, self.ctx.rules, 1) for k, v in batch.items()})
+                self.queue.append({k: _global(v[idx][None], self.ctx, 1) for k, v in batch.items()})
 
 
 def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
@@ -246,13 +218,13 @@ def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
     pad = (-len(records)) % n_dp
     prompts, prompt_mask = (np.stack([r[k] for r in records] + [records[-1][k]] * pad)
                             for k in ("prompt", "prompt_mask"))
-    out = generate_ids(pol_graphdef, pol_state, _sharded(prompts, ctx.mesh, ctx.rules), rl.max_new_tokens,
+    out = generate_ids(pol_graphdef, pol_state, _global(prompts, ctx), rl.max_new_tokens,
                        rng=jax.random.key(ctx.cfg.seed + 11), temperature=rl.eval_temperature, top_k=rl.top_k,
                        top_p=rl.top_p, eos_id=tok.chat.stop_ids, pad_id=tok.pad_id,
-                       prompt_mask=_sharded(prompt_mask, ctx.mesh, ctx.rules), mesh=ctx.mesh, rules=ctx.rules)
+                       prompt_mask=_global(prompt_mask, ctx), mesh=ctx.mesh, rules=ctx.rules)
     tokens, mask, finished = _host(out.tokens), _host(out.mask), _host(out.finished)
     batch = layout(prompts, prompt_mask, tokens, mask, tok.pad_id)
-    dev = {k: _sharded(v, ctx.mesh, ctx.rules) for k, v in batch.items()}
+    dev = {k: _global(v, ctx) for k, v in batch.items()}
     stops = stop_ids(ctx.tokenizer)
     completions = [ctx.tokenizer.decode([t for t, m in zip(row, mr) if m and t not in stops])
                    for row, mr in zip(tokens, mask)]
@@ -269,3 +241,19 @@ def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
     return {"eval_reward": float(scores[:n].mean()), "eval_kl": float(kl.mean()),
             "eval_response_length": float(mask.sum(1)[:n].mean()),
             **{f"eval_{k}": v for k, v in parts.items()}}
+
+
+def experience_source(trainer, data_state: Optional[dict], frozen, default_advantage: str):
+    """Objective.batch_source of on-policy RL: rollouts instead of the input pipeline, the frozen
+    reference serving the rollouts (not the step), held-out reward as the stage's extra eval."""
+    stage, cfg = trainer.stage, trainer.cfg
+    objective = stage.objective
+    abstract = nnx.eval_shape(lambda: stage.make_model(nnx.Rngs(0)))
+    policy = getattr(abstract, objective.reference_prefix) if objective.reference_prefix else abstract
+    ctx = RLContext(cfg=cfg, graphdef=nnx.graphdef(abstract), reference=frozen["reference"],
+                    ref_graphdef=nnx.graphdef(policy), mesh=trainer.mesh, rules=trainer.rules,
+                    tokenizer=stage.tokenizer, rewards=Rewards(cfg.rl, trainer.mesh, trainer.rules, stage.tokenizer),
+                    actor_critic=isinstance(abstract, ActorCritic), advantage=cfg.rl.advantage or default_advantage)
+    stage.extra_eval = lambda graphdef, state: rl_eval(ctx, ctx.graphdef, state, stage.eval_records)
+    prompts = stage.pipeline.iterator(None, cfg.data.num_threads, cfg.data.prefetch)
+    return ExperienceIterator(ctx, prompts, data_state), None

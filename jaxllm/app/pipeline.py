@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from jaxllm.app.report import StageRun, write_report
 from jaxllm.config import _suggest, load_config
 from jaxllm.errors import ConfigError
+from jaxllm.objectives import train, validate
 
 DONE = "stage_done.json"
 _REF = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
@@ -113,25 +115,26 @@ def resolve(cfg: PipelineConfig, text: str) -> str:
 
 def run_config(cfg: PipelineConfig, base: str, stage: StageSpec):
     path = stage.config if os.path.isabs(stage.config) else os.path.join(base, stage.config)
-    return load_config(path, [f"output_dir={stage_dir(cfg, stage.name)}",
-                              *(resolve(cfg, o) for o in [*cfg.overrides, *stage.overrides])])
+    run_cfg = load_config(path, [f"output_dir={stage_dir(cfg, stage.name)}",
+                                 *(resolve(cfg, o) for o in [*cfg.overrides, *stage.overrides])])
+    validate(run_cfg)
+    return run_cfg
 
 
 def _run_stage(cfg: PipelineConfig, base: str, stage: StageSpec, log) -> dict:
     out = stage_dir(cfg, stage.name)
     if stage.kind == "tokenizer":
-        from jaxllm.cli import _texts_for_tokenizer
+        from jaxllm.data.sources import texts_for_tokenizer
         from jaxllm.data.tokenizer import train_tokenizer
         os.makedirs(out, exist_ok=True)
-        tok = train_tokenizer(_texts_for_tokenizer([resolve(cfg, i) for i in stage.inputs], "text"),
+        tok = train_tokenizer(texts_for_tokenizer([resolve(cfg, i) for i in stage.inputs], "text"),
                               os.path.join(out, "tokenizer"), stage.vocab_size, stage.model_type)
         return {"tokenizer": tok.path, "vocab_size": tok.vocab_size}
-    from jaxllm.trainer import Trainer
     run_cfg = run_config(cfg, base, stage)
     ckdir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir)):
         log(f"[{stage.name}] resuming from its last checkpoint in {ckdir}")
-    result = Trainer(run_cfg).run()
+    result = train(run_cfg)
     return {k: v for k, v in result.items() if isinstance(v, (int, float, bool))}
 
 
@@ -177,7 +180,8 @@ def run_pipeline(path: str, overrides: list[str] = (), from_stage: Optional[str]
         summary[s.name] = record
         log(f"[{s.name}] done in {record['wall_s']:.0f} s")
     if report:
-        from jaxllm.report import write_report
-        summary["report"] = write_report(cfg, base, stages)
+        runs = [StageRun(s.name, s.kind, stage_dir(cfg, s.name), summary[s.name],
+                         run_config(cfg, base, s) if s.kind == "train" else None) for s in stages]
+        summary["report"] = write_report(cfg.output_dir, runs, cfg.report)
         log(f"report: {summary['report']}")
     return summary

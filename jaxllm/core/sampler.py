@@ -24,7 +24,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import EOS_ID, PAD_ID
-from jaxllm.sharding import constrain, use_mesh_rules
+from jaxllm.core.arrays import positions_from_segments
+from jaxllm.core.sharding import constrain, use_mesh_rules
 
 
 @dataclasses.dataclass
@@ -82,8 +83,7 @@ def prompt_layout(prompt, pad_id=PAD_ID, prompt_mask=None):
         seg = (jnp.cumsum(prompt != pad_id, axis=1) > 0).astype(jnp.int32)
     else:
         seg = (prompt_mask > 0).astype(jnp.int32)
-    pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-    return seg, pos
+    return seg, positions_from_segments(seg)
 
 
 def _is_stop(tok, stops):
@@ -196,3 +196,16 @@ def completions(tokens, mask, stop_ids: Sequence[int]) -> list[list[int]]:
         cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
         out.append(ids[:cut])
     return out
+
+
+def sample_ids(model, prompts: Sequence[Sequence[int]], max_new: int, temperature: float = 0.0, seed: int = 0,
+               stop_ids: Union[int, Sequence[int]] = (EOS_ID,), top_k: int = 0, top_p: float = 1.0,
+               pad_id: int = PAD_ID) -> list[list[int]]:
+    """Token-id prompts -> generated ids (KV-cache sampler), cut before the first stop id. Pass the
+    tokenizer's ids: tok.eos_ids for text, tok.chat.stop_ids for chat prompts, tok.pad_id."""
+    graphdef, state = nnx.split(model)
+    stop_ids = (stop_ids,) if isinstance(stop_ids, int) else tuple(stop_ids)
+    out = generate_ids(graphdef, state, pad_prompts(prompts, pad_id=pad_id), max_new, rng=jax.random.key(seed),
+                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=stop_ids, pad_id=pad_id,
+                       prompt_mask=prompt_masks(prompts))
+    return completions(out.tokens, out.mask, stop_ids)

@@ -222,3 +222,48 @@ def _logps_bwd(scale, length, res, g):
 
 
 _logps.defvjp(_logps_fwd, _logps_bwd, symbolic_zeros=True)
+
+
+# ---- a model's LM losses and log-probs: through the chunked heads above, or the plain logits path ----
+def token_nll(logits, targets):
+    """logits [B, T, V] (float32), targets [B, T] -> (nll [B, T], logsumexp [B, T], correct [B, T])."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # "correct" = the target has the top logit (ties count); an argmax over V is ~5x slower on CPU
+    correct = target_logit >= logits.max(axis=-1)
+    return logz - target_logit, logz, correct
+
+
+def token_logps_and_entropy(logits, targets, temperature: float = 1.0):
+    """Log-probs of `targets` and entropies under softmax(logits / temperature): the sampling
+    distribution of the rollouts (temperature 0 = greedy is scored at 1)."""
+    logits = logits.astype(jnp.float32)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(logp) * logp).sum(-1)
+    return tok, entropy
+
+
+def lm_token_loss(model, tokens, positions, segment_ids, causal, targets, weights, z_loss: float,
+                  chunk_tokens: int) -> dict:
+    """Weighted next-token loss sums {loss, nll, z, correct} (scalars) of `model` on `tokens`.
+    Through the fused chunked head + cross-entropy (jaxllm.core.xent) unless chunk_tokens=0."""
+    h = model.hidden(tokens, positions, segment_ids, causal)  # [B, T, D]
+    weights = weights.astype(jnp.float32)
+    if chunk_tokens > 0:
+        return fused_xent(h, model.head_weight(), targets, weights, z_loss, chunk_tokens)
+    nll, logz, correct = token_nll(model.logits(h), targets)
+    nll_sum, z_sum = (nll * weights).sum(), (jnp.square(logz) * weights).sum()
+    return {"loss": nll_sum + z_loss * z_sum, "nll": nll_sum, "z": z_sum, "correct": (correct * weights).sum()}
+
+
+def lm_token_logps(model, batch, temperature: float = 1.0, chunk_tokens: int = 512):
+    """-> (log-prob of each target [B, T], entropy [B, T]) of the causal LM `model` on `batch`
+    (inputs, positions, segment_ids, targets). Through the chunked head (jaxllm.core.xent.token_logps),
+    which never holds [B, T, V] logits, unless chunk_tokens=0."""
+    h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], True)  # [B, T, D]
+    if chunk_tokens > 0:
+        return token_logps(h, model.head_weight(), batch["targets"], temperature, chunk_tokens)
+    return token_logps_and_entropy(model.logits(h), batch["targets"], temperature)

@@ -1,0 +1,170 @@
+"""RL algorithm pieces, registered by name: KL estimators (`rl.kl_estimator`), policy losses
+(`rl.loss_type`) and advantage estimators (`rl.advantage`). A new algorithm is a new entry in one
+of these registries, not a branch in the rollout or the loss. The math is public and pure.
+
+Shapes: N sequences of a rollout, T teacher-forced positions; per-token arrays are aligned with
+the batch's `targets`, and `mask` is 1 on generated (trained) tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import Registry, RLConfig
+from jaxllm.core.arrays import last_token_index
+
+KL_ESTIMATORS = Registry("rl.kl_estimator")
+POLICY_LOSSES = Registry("rl.loss_type")
+ADVANTAGES = Registry("rl.advantage")
+
+
+# ---- KL estimators: d = ref - logp of the sampled token ------------------------------------------
+KL_ESTIMATORS.register("k1", lambda d: -d)  # unbiased, can be negative
+KL_ESTIMATORS.register("k2", lambda d: 0.5 * jnp.square(d))
+KL_ESTIMATORS.register("k3", lambda d: jnp.exp(d) - d - 1.0)  # unbiased, >= 0
+
+
+def kl_penalty(logprobs, ref_logprobs, kind: str = "k1"):
+    """Per-token KL estimate of policy vs reference from sampled tokens, d = ref - logp:
+    k1 = -d (unbiased, can be negative), k2 = d^2/2, k3 = exp(d) - d - 1 (unbiased, >= 0)."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"kl kind {kind!r}: use {', '.join(KL_ESTIMATORS)}")
+    d = jnp.asarray(ref_logprobs, jnp.float32) - jnp.asarray(logprobs, jnp.float32)
+    return KL_ESTIMATORS[kind](d)
+
+
+# ---- policy losses: (logps, old_logps, advantages, rl) -> (per-token loss, was clipped) ---------------
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
+    """Per-token PPO-clip loss max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)), r = exp(logp - old),
+    and where clipping was active."""
+    ratio = jnp.exp(jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32))
+    adv = jnp.asarray(advantages, jnp.float32)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+@POLICY_LOSSES.register("grpo")
+def grpo_policy_loss(logprobs, old_logprobs, advantages, rl: RLConfig):
+    """The PPO-clip surrogate per token (GRPO's and PPO's policy term)."""
+    return clipped_surrogate(logprobs, old_logprobs, advantages, rl.clip_low, rl.clip_high)
+
+
+def masked_mean(x, mask):
+    m = jnp.asarray(mask, jnp.float32)
+    return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.2):
+    """Masked token-mean of max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)), r = exp(logp - old).
+    -> (loss, {"clip_fraction", "approx_kl"})."""
+    per_tok, was_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    approx_kl = 0.5 * jnp.square(jnp.asarray(logprobs) - jnp.asarray(old_logprobs))
+    return masked_mean(per_tok, mask), {"clip_fraction": masked_mean(was_clipped, mask),
+                                        "approx_kl": masked_mean(approx_kl, mask)}
+
+
+def value_terms(values, old_values, returns, clip):
+    """Per-token 0.5*max((V-R)^2, (V_clipped-R)^2), V_clipped = V_old + clip(V-V_old, ±clip)."""
+    v, ov, R = (jnp.asarray(x, jnp.float32) for x in (values, old_values, returns))
+    v_clipped = ov + jnp.clip(v - ov, -clip, clip)
+    return 0.5 * jnp.maximum(jnp.square(v - R), jnp.square(v_clipped - R))
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """Masked token-mean of value_terms."""
+    return masked_mean(value_terms(values, old_values, returns, clip), mask)
+
+
+def aggregate(per_tok, mask, how: str):
+    """-> (sum, denom): token-level (all tokens weigh the same) or sequence-level (each
+    sequence's token mean weighs the same)."""
+    m = mask.astype(jnp.float32)
+    if how == "sequence":
+        per_seq = (per_tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+        has = (m.sum(-1) > 0).astype(jnp.float32)
+        return (per_seq * has).sum(), has.sum()
+    return (per_tok * m).sum(), m.sum()
+
+
+# ---- advantage estimators ---------------------------------------------------------------------------
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation on [B, T] (reverse scan over T). The value after the last
+    unmasked token is 0: the episode ends there. -> (advantages, returns = advantages + values),
+    both zero where mask is 0."""
+    r, v = jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32)
+    m = jnp.asarray(mask, jnp.float32)
+    next_v = jnp.concatenate([v[:, 1:] * m[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+
+    def back(adv_next, xs):
+        r_t, v_t, nv_t, m_t = xs
+        a = m_t * (r_t + gamma * nv_t - v_t + gamma * lam * adv_next)
+        return a, a
+
+    _, adv = jax.lax.scan(back, jnp.zeros_like(r[:, 0]), (r.T, v.T, next_v.T, m.T), reverse=True)
+    adv = adv.T
+    return adv, (adv + v) * m
+
+
+def group_advantages(rewards, group_size: int, normalize_std: bool = True, eps: float = 1e-6):
+    """Flat [N*G] rewards, consecutive blocks of G = one prompt's samples -> [N*G] advantages
+    r - mean(group), divided by (std(group) + eps) if normalize_std (population std). A group
+    whose rewards are all equal gets advantage 0."""
+    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    a = r - r.mean(axis=1, keepdims=True)
+    if normalize_std:
+        a = a / (r.std(axis=1, keepdims=True) + eps)
+    return a.reshape(-1)
+
+
+def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    mu, sd = x[m].mean(), x[m].std()
+    return np.where(m, (x - mu) / (sd + 1e-8), 0.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Scored:
+    """One scored rollout, what every advantage estimator may read (host arrays)."""
+    scores: np.ndarray  # [N] sequence rewards
+    loss_mask: np.ndarray  # [N, T] 1 on generated tokens
+    token_kl: np.ndarray  # [N, T] per-token KL estimate to the reference (masked, clamped)
+    kl_coef: float
+    group_size: int
+    values: Optional[np.ndarray] = None  # [N, T] critic values (actor-critic objectives)
+
+
+@ADVANTAGES.register("group")
+def group_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
+    """GRPO: reward minus its group's mean (over std, or not: rl.advantage_norm=mean is Dr. GRPO),
+    the same for every token of a sequence; groups whose rewards are all equal train nothing."""
+    adv = np.asarray(group_advantages(s.scores, s.group_size, normalize_std=rl.advantage_norm == "std"))
+    flat = s.scores.reshape(-1, s.group_size)
+    live = np.repeat(flat.max(1) > flat.min(1), s.group_size)
+    loss_mask = s.loss_mask * live[:, None]
+    return ({"loss_mask": loss_mask, "advantages": (adv[:, None] * loss_mask).astype(np.float32)},
+            {"live_group_fraction": float(live.mean())})
+
+
+@ADVANTAGES.register("gae")
+def gae_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
+    """PPO: per-token reward -kl_coef * KL, plus the sequence reward at its last token; GAE with
+    the critic's values; returns for the value loss."""
+    m = s.loss_mask.astype(np.float32)
+    values = s.values * m
+    rewards = -s.kl_coef * s.token_kl
+    rewards[np.arange(len(s.scores)), last_token_index(m)] += s.scores
+    adv, returns = (np.asarray(x) for x in gae(rewards, values, m, rl.gamma, rl.lam))
+    var = returns[m > 0].var()
+    explained = float(1 - (returns - values)[m > 0].var() / var) if var > 0 else 0.0
+    return ({"old_values": values, "returns": returns.astype(np.float32),
+             "advantages": whiten(adv, m) if rl.whiten_advantages else adv.astype(np.float32)},
+            {"value_explained_var": explained})
+
+
+gae_estimator.needs_values = True  # only for objectives with a critic (Objective.model=actor_critic)
