@@ -19,7 +19,7 @@ from jaxllm.core.xent import token_logps_and_entropy, token_nll  # noqa: F401 (p
 from jaxllm.data.pipeline import build_pipeline
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import ConfigError
-from jaxllm.objectives import lm, preference, rl
+from jaxllm.objectives import lm, preference, rl, simpo
 from jaxllm.objectives.preference import dpo_loss, reward_pair_loss, sequence_logprobs  # noqa: F401
 from jaxllm.rl.algorithms import (gae, group_advantages, kl_penalty, ppo_policy_loss,  # noqa: F401
                                   ppo_value_loss)
@@ -28,7 +28,7 @@ from jaxllm.train.objective import LossContext, LossOut, Objective, Stage  # noq
 from jaxllm.train.state import check_freeze_matches, trainable_filter
 
 REGISTRY = Registry("objective.name")
-for _record in (*lm.OBJECTIVES, *preference.OBJECTIVES, *rl.OBJECTIVES):
+for _record in (*lm.OBJECTIVES, *preference.OBJECTIVES, *rl.OBJECTIVES, simpo.SIMPO):
     REGISTRY.register(_record.name, _record)
 
 
