@@ -63,3 +63,31 @@ def test_ppo_value_loss_clipped():
     loss = ppo_value_loss(v, old, ret, np.array([1, 1, 0]), clip=0.2)
     # token 0: max((1-2)^2, (0.7-2)^2) = 1.69; token 1: max(0, 0.3^2) = 0.09; halves, mean of two
     assert abs(float(loss) - (0.5 * 1.69 + 0.5 * 0.09) / 2) < 1e-6
+
+
+def test_rloo_reinforce_pp_and_gspo_hand_computed():
+    from jaxllm.rl.algorithms import gspo_ratio, reinforce_pp_advantages, rloo_advantages
+    np.testing.assert_allclose(np.asarray(rloo_advantages([1.0, 0.0, 0.0, 1.0], 2)), [1, -1, -1, 1], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rloo_advantages([3.0, 0.0, 0.0], 3)), [3, -1.5, -1.5], atol=1e-6)
+    # returns [[1, 1, 1], [2, 2, -]]: mean 1.4, population std sqrt(0.24)
+    adv = np.asarray(reinforce_pp_advantages([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]], [[1, 1, 1], [1, 1, 0]]))
+    sd = np.sqrt(0.24)
+    np.testing.assert_allclose(adv, [[-0.4 / sd] * 3, [0.6 / sd, 0.6 / sd, 0.0]], rtol=1e-5)
+    # masked mean log-ratio (0.5 + 0) / 2 -> exp(0.25); the unmasked third token is ignored
+    np.testing.assert_allclose(np.asarray(gspo_ratio([[-1.0, -2.0, -3.0]], [[-1.5, -2.0, -2.0]], [[1, 1, 0]])),
+                               [np.exp(0.25)], rtol=1e-6)
+
+
+def test_advantage_estimators_are_registry_entries():
+    from jaxllm.config import RLConfig
+    from jaxllm.errors import ConfigError
+    from jaxllm.rl.algorithms import ADVANTAGES, Scored
+    s = Scored(scores=np.array([1.0, 0.0, 2.0, 2.0], np.float32), loss_mask=np.array([[1, 1]] * 4, np.float32),
+               token_kl=np.zeros((4, 2), np.float32), kl_coef=0.0, group_size=2)
+    out, metrics = ADVANTAGES.pick("rloo")(s, RLConfig())
+    np.testing.assert_allclose(out["advantages"], [[1, 1], [-1, -1], [0, 0], [0, 0]])
+    assert metrics["live_group_fraction"] == 0.5  # the all-equal group trains nothing
+    out, _ = ADVANTAGES.pick("reinforce_pp")(s, RLConfig())
+    assert out["advantages"].shape == (4, 2) and abs(float(out["advantages"].mean())) < 1e-6
+    with pytest.raises(ConfigError, match="rl.advantage='rlo' is not known; did you mean 'rloo'"):
+        ADVANTAGES.pick("rlo")

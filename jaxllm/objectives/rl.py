@@ -71,6 +71,9 @@ def check_rl(cfg: RunConfig, name: str, min_group: int, has_critic: bool) -> Non
     if rollout % rl.group_size:
         raise ConfigError(f"train.batch_size*rl.minibatches = {rollout} sequences per rollout is not "
                           f"divisible by rl.group_size={rl.group_size}")
+    estimator = ADVANTAGES.pick(rl.advantage) if rl.advantage else None
+    if getattr(estimator, "needs_groups", False):
+        min_group = max(min_group, 2)
     if rl.group_size < min_group:
         raise ConfigError(f"objective.name={name} needs rl.group_size >= {min_group} (advantages are "
                           f"relative to the group)")

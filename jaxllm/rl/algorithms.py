@@ -122,6 +122,35 @@ def group_advantages(rewards, group_size: int, normalize_std: bool = True, eps: 
     return a.reshape(-1)
 
 
+# ---- more advantage estimators and policy losses (public math) -------------------------------------
+def rloo_advantages(rewards, group_size: int):
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the other G-1 rewards of its group.
+    Flat [N*G] -> [N*G]."""
+    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    others = (r.sum(axis=1, keepdims=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards, mask):
+    """REINFORCE++ (Hu 2025): per-token returns (sum of the rewards from t to the end, gamma 1) of
+    [N, T] token rewards, whitened over every masked token of the batch; 0 off the mask."""
+    r = jnp.asarray(rewards, jnp.float32) * jnp.asarray(mask, jnp.float32)
+    m = jnp.asarray(mask, jnp.float32)
+    returns = jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1)
+    n = jnp.maximum(m.sum(), 1.0)
+    mu = (returns * m).sum() / n
+    sd = jnp.sqrt((jnp.square(returns - mu) * m).sum() / n)
+    return (returns - mu) / (sd + 1e-8) * m
+
+
+def gspo_ratio(logps, old_logps, mask):
+    """GSPO (Zheng et al. 2025): the sequence-level importance ratio exp(mean over the sequence's
+    masked tokens of logp - old_logp). [N, T] -> [N]."""
+    m = jnp.asarray(mask, jnp.float32)
+    d = (jnp.asarray(logps, jnp.float32) - jnp.asarray(old_logps, jnp.float32)) * m
+    return jnp.exp(d.sum(-1) / jnp.maximum(m.sum(-1), 1.0))
+
+
 def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m = mask.astype(bool)
     mu, sd = x[m].mean(), x[m].std()
@@ -139,16 +168,38 @@ class Scored:
     values: Optional[np.ndarray] = None  # [N, T] critic values (actor-critic objectives)
 
 
-@ADVANTAGES.register("group")
-def group_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
-    """GRPO: reward minus its group's mean (over std, or not: rl.advantage_norm=mean is Dr. GRPO),
-    the same for every token of a sequence; groups whose rewards are all equal train nothing."""
-    adv = np.asarray(group_advantages(s.scores, s.group_size, normalize_std=rl.advantage_norm == "std"))
+def _per_sequence(s: Scored, adv: np.ndarray, metrics: dict) -> tuple[dict, dict]:
+    """Sequence advantages [N] on every generated token; groups whose rewards are all equal train
+    nothing (their advantages are 0 and they would only add KL)."""
     flat = s.scores.reshape(-1, s.group_size)
     live = np.repeat(flat.max(1) > flat.min(1), s.group_size)
     loss_mask = s.loss_mask * live[:, None]
     return ({"loss_mask": loss_mask, "advantages": (adv[:, None] * loss_mask).astype(np.float32)},
-            {"live_group_fraction": float(live.mean())})
+            {**metrics, "live_group_fraction": float(live.mean())})
+
+
+@ADVANTAGES.register("group")
+def group_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
+    """GRPO: reward minus its group's mean (over std, or not: rl.advantage_norm=mean is Dr. GRPO),
+    the same for every token of a sequence."""
+    adv = np.asarray(group_advantages(s.scores, s.group_size, normalize_std=rl.advantage_norm == "std"))
+    return _per_sequence(s, adv, {})
+
+
+@ADVANTAGES.register("rloo")
+def rloo_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
+    """RLOO: reward minus the mean of the group's other samples, the same for every token."""
+    return _per_sequence(s, np.asarray(rloo_advantages(s.scores, s.group_size)), {})
+
+
+@ADVANTAGES.register("reinforce_pp")
+def reinforce_pp_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
+    """REINFORCE++: token rewards -kl_coef * KL plus the sequence reward at its last token, returns
+    to the end, whitened over the batch. No critic and no groups."""
+    m = s.loss_mask.astype(np.float32)
+    rewards = -s.kl_coef * s.token_kl * m
+    rewards[np.arange(len(s.scores)), last_token_index(m)] += s.scores
+    return {"advantages": np.asarray(reinforce_pp_advantages(rewards, m), np.float32)}, {}
 
 
 @ADVANTAGES.register("gae")
@@ -168,3 +219,4 @@ def gae_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
 
 
 gae_estimator.needs_values = True  # only for objectives with a critic (Objective.model=actor_critic)
+group_estimator.needs_groups = rloo_estimator.needs_groups = True  # rl.group_size >= 2
