@@ -31,6 +31,8 @@ def check_run(config: str, mesh: str, overrides: Sequence[str], n_devices: Optio
     from jaxllm.errors import UserError
     try:
         cfg = load_config(config, [f"mesh={mesh}", *overrides])
+        from jaxllm.objectives import validate
+        validate(cfg)  # objective name, data kind, options, RL settings and reward functions
         if n_devices is not None:
             from jaxllm.core.sharding import mesh_shape
             mesh_shape(cfg.mesh, n_devices)

@@ -271,6 +271,9 @@ COMMANDS["convert"] = cmd_convert
 
 
 def cmd_plan(args) -> int:
+    # Planning never runs on a local accelerator (TPU devices are compile-only, GPUs analytic); JAX
+    # reads JAX_PLATFORMS when it is first imported, which importing the planner does.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jaxllm.app.plan import run_cli
     return run_cli(args)
 

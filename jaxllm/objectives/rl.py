@@ -61,9 +61,13 @@ def check_rl(cfg: RunConfig, name: str, min_group: int, has_critic: bool) -> Non
             load_function(r.fn)  # importable now, not after the first rollout
     POLICY_LOSSES.pick(rl.loss_type)
     KL_ESTIMATORS.pick(rl.kl_estimator)
-    if rl.advantage and getattr(ADVANTAGES.pick(rl.advantage), "needs_values", False) and not has_critic:
+    needs_values = rl.advantage and getattr(ADVANTAGES.pick(rl.advantage), "needs_values", False)
+    if needs_values and not has_critic:
         raise ConfigError(f"rl.advantage={rl.advantage} needs a critic's values: use objective.name=ppo, "
                           f"or an advantage without one ({', '.join(sorted(ADVANTAGES))})")
+    if has_critic and rl.advantage and not needs_values:
+        raise ConfigError(f"objective.name={name} trains its critic on GAE returns: leave rl.advantage empty "
+                          f"or set it to gae (got {rl.advantage})")
     if cfg.data.max_prompt_len + rl.max_new_tokens > cfg.train.seq_len:
         raise ConfigError(f"data.max_prompt_len + rl.max_new_tokens = {cfg.data.max_prompt_len} + "
                           f"{rl.max_new_tokens} exceeds train.seq_len={cfg.train.seq_len}")

@@ -172,6 +172,7 @@ class Trainer:
         try:
             if start == 0 and cfg.eval.every and (self.eval_batches or self.stage.extra_eval):
                 self._eval(0)
+                self.t_prev = time.perf_counter()  # the first step's time excludes the eval
             for step in range(start, stop_at):
                 self.state, metrics = self.parts.train_step(self.state, self.source.next(self.state), self.frozen)
                 if pending is not None:

@@ -1,7 +1,7 @@
 """`jaxllm plan`: will this run config fit on that hardware, and how fast could it go?
 
 TPU targets (`--topology v5p-256`) are planned by compiling the real jitted train step
-(trainer.make_train_step, with the run's model, optimizer, objective, global batch, grad_accum and
+(jaxllm.train.step.build_step, with the run's model, optimizer, objective, global batch, grad_accum and
 remat) ahead of time for compile-only devices of that topology (`jax.experimental.topologies`, needs
 the `libtpu` package; no TPU is touched), and reading XLA's memory analysis of the executable. GPU
 targets (`--gpu h100x8`) get the same report from an analytic model, because compiling for CUDA

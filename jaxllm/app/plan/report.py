@@ -50,7 +50,7 @@ def _gib(x: float) -> str:
 
 def format_report(r: PlanResult, config_path: str = "") -> str:
     how = {"xla": "XLA memory analysis of the compiled train step",
-           "analytic": "analytic model (jaxllm/app/plan/__init__.py: activation_estimate)",
+           "analytic": "analytic model (jaxllm/app/plan/analytic.py: activation_estimate)",
            "precheck": "sharded state sizes (no compile: the state alone exceeds HBM)",
            "xla_oom": "XLA refused to compile the step: out of HBM"}[r.method]
     mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items())
