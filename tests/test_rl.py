@@ -123,6 +123,8 @@ def test_label_with_a_judge_lm(sft, tmp_path, capsys):
     (["train.steps=41"], "must be a multiple of rl.epochs*rl.minibatches"),
     (["rl.rewards=[]"], "needs at least one reward"),
     (["data.kind=chat"], "reads data.kind in ['prompt']"),
+    (["rl.advantage=gae"], "needs a critic's values"),
+    (["objective.name=ppo", "rl.advantage=rloo"], "trains its critic on GAE returns"),
     (["rl.max_new_tokens=40"], "exceeds train.seq_len"),
 ])
 def test_rl_config_errors(tmp_path, capsys, overrides, message):
