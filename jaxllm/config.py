@@ -326,6 +326,33 @@ class RLConfig:
             raise ConfigError("rl.kl_coef and rl.target_kl must be >= 0")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run beside metrics.jsonl, logged by process 0; `project` empty = off."""
+    project: str = ""
+    entity: str = ""  # "" = the logged-in user's default entity
+    name: str = ""  # "" = the basename of output_dir
+    tags: list[str] = field(default_factory=list)
+    mode: str = ""  # online | offline | disabled; "" = wandb's own default (or the WANDB_MODE env var)
+
+    def validate(self) -> None:
+        if self.mode and self.mode not in WANDB_MODES:
+            raise ConfigError(f"log.wandb.mode={self.mode!r}: choose one of {', '.join(WANDB_MODES)}, "
+                              f"or leave it empty for wandb's default (WANDB_MODE)")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # TensorBoard events under {output_dir}/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        self.wandb.validate()
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
@@ -341,6 +368,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -434,7 +462,8 @@ def _load_yaml_tree(path: str, _seen: tuple = ()) -> dict:
     return merged
 
 
-_SECTION_NAMES = ("model", "mesh", "data", "optimizer", "checkpoint", "train", "eval", "objective", "finetune", "rl")
+_SECTION_NAMES = ("model", "mesh", "data", "optimizer", "checkpoint", "train", "eval", "objective", "finetune", "rl",
+                  "log")
 
 
 def _deep_merge(into: dict, new: dict) -> dict:

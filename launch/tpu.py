@@ -106,8 +106,14 @@ def run_name(args) -> str:
 
 
 def cmd_run(args) -> list[list[str]]:
-    check_run(args.config, args.mesh, args.overrides)
+    cfg = check_run(args.config, args.mesh, args.overrides)
     config, mesh = repo_relative(args.config, "run config"), repo_relative(args.mesh, "mesh config")
+    if "://" not in cfg.output_dir and not args.local_output:
+        # every host writes its shards of each checkpoint into output_dir: it must be storage all
+        # hosts share, and outlive the TPU VMs
+        raise LaunchError(f"output_dir={cfg.output_dir} is a local path; TPU runs write checkpoints from every "
+                          f"host, so pass output_dir=gs://BUCKET/PATH (or --local-output for a single-host "
+                          f"scratch run)")
     name = run_name(args)
     # The executable stays unquoted so the remote shell expands its ~; the rest is quoted.
     train = f"{REMOTE_VENV}/bin/" + shlex.join(train_argv(config, mesh, args.overrides))
@@ -176,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = common(sub.add_parser("run", help="start `jaxllm train` on every worker (nohup, one log per worker)"),
                run_args=True)
     r.add_argument("--run-name", help="log/pid file name (default: the config's file name)")
+    r.add_argument("--local-output", action="store_true",
+                   help="allow a local output_dir (single-host scratch runs; lost with the VM)")
 
     lg = common(sub.add_parser("logs", help="follow the run's log"))
     lg.add_argument("--run-name", required=True, help="as given to (or derived by) `run`")

@@ -7,6 +7,9 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs (imported by etils/tfds) would probe each bucket's layout over gRPC; the fake GCS server
+# of tests/test_remote.py does not serve that API. Must be set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # One persistent XLA compilation cache for the session and the subprocesses it starts: many tests
 # compile the same tiny programs (and restarted runs compile them again).
 _XLA_CACHE = tempfile.mkdtemp(prefix="jaxllm-test-xla-cache-")

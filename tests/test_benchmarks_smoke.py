@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("suite", ["train", "data", "checkpoint", "rollout", "posttrain"])
+@pytest.mark.parametrize("suite", ["train", "data", "checkpoint", "rollout",
+                                   pytest.param("posttrain", marks=pytest.mark.slow)])
 def test_suite_smoke(suite):
     env = dict(os.environ, XLA_FLAGS="")
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", suite, "--smoke"], cwd=ROOT, env=env,
@@ -18,6 +19,7 @@ def test_suite_smoke(suite):
     assert r.stdout.startswith(suite)
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_peer_smoke():
     pytest.importorskip("torch")
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "peer", "--smoke"], cwd=ROOT,

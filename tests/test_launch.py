@@ -165,6 +165,7 @@ def test_multinode_commands(capsys):
     (tpu, ["run", "llm", CFG, "--mesh", "configs/meshes/missing.yaml", *LOC], "mesh config not found"),
     (tpu, ["run", "llm", CFG, "train.stpes=3", "--mesh", MESH, *LOC], "unknown config key train.stpes"),
     (tpu, ["run", "llm", CFG, "objective.name=dpoo", "--mesh", MESH, *LOC], "did you mean 'dpo'"),
+    (tpu, ["run", "llm", CFG, "--mesh", MESH, *LOC], "output_dir=runs/pretrain_70b is a local path"),
     (tpu, ["create", "llm", "--accelerator-type", "v9-8", *LOC], "--accelerator-type 'v9-8'"),
     (tpu, ["create", "llm", "--accelerator-type", "v5p-8", "--direct", "--node-count", "2", *LOC], "queued resource"),
     (slurm, ["configs/runs/missing.yaml", "--mesh", GPU_MESH, "--nodes", "2"], "run config not found"),

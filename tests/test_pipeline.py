@@ -45,6 +45,7 @@ def _shrunk_pipeline(tmp_path, stages=None, extra=None) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_shrunk_default_pipeline_moves_every_metric(tmp_path, capsys):
     path = _shrunk_pipeline(tmp_path)
     assert main(["pipeline", path]) == 0
@@ -64,6 +65,7 @@ def test_shrunk_default_pipeline_moves_every_metric(tmp_path, capsys):
     assert log.count("finished earlier, skipped") == 7 and "running" not in log
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_killed_pipeline_resumes_mid_stage_and_skips_finished(tmp_path):
     path = _shrunk_pipeline(tmp_path, stages={"tokenizer", "pretrain", "sft"}, extra={
         "pretrain": ["train.steps=40", "eval.every=0", "checkpoint.every=40"],

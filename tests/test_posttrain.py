@@ -48,6 +48,7 @@ def test_reward_model_pair_accuracy(reward_model):
     assert "lm_head" not in t.state.params and "score" in t.state.params  # new head, trunk from SFT
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_dpo_raises_implicit_reward_accuracy_and_margin(sft, tmp_path):
     cfg = _cfg(tmp_path, "dpo_tiny", f"checkpoint.init_from={sft}", "train.steps=80", "eval.every=80",
                "checkpoint.every=0")
@@ -69,6 +70,7 @@ def test_dpo_precomputed_reference_matches_online(sft, tmp_path):
     assert losses[0][2] < losses[0][0]
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_lora_learns_freezes_base_and_merges_exactly(pretrained, tmp_path):
     cfg = _cfg(tmp_path, "sft_tiny", f"checkpoint.init_from={pretrained}", "finetune.mode=lora",
                "finetune.lora_rank=8", "finetune.lora_targets=[q,v,o,up,down]", "optimizer.lr=3e-3",
@@ -127,6 +129,7 @@ def test_finetune_config_errors(tmp_path, capsys):
         assert expected in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 @pytest.mark.parametrize("mode", ["lora", "partial"])
 def test_lora_and_partial_agree_across_meshes(pretrained, tmp_path, mode):
     """The same LoRA / partial run on an 8-way fsdp mesh and a 2x2x2 data x fsdp x tensor mesh."""

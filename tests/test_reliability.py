@@ -111,6 +111,7 @@ def test_sigterm_saves_at_step_boundary_exits_0_and_resumes(tmp_path, env, refer
     _assert_equal_params(_final_params(out), reference)
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_sigkill_20_times_resumes_from_last_complete_checkpoint(tmp_path, env, reference):
     """SIGKILL at random moments: during start-up/restore, mid-step and during async saves. Every
     restart must resume from the newest *committed* step, and the end result equals a clean run."""

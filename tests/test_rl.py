@@ -30,6 +30,7 @@ def _rollouts(out):
     return [m for m in read_metrics(out) if "reward_mean" in m]
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path):
     cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, f"checkpoint.init_from={sft}", "train.steps=40",
                        "eval.every=40", "checkpoint.every=40", "optimizer.lr=1e-4", "rl.temperature=0.7",
@@ -54,6 +55,7 @@ def _ppo(tmp, sft, rm, *ov):
     return cfg.output_dir, t
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_ppo_raises_reward_model_score_with_bounded_kl(sft, reward_model, tmp_path):
     rm, _ = reward_model
     out, t = _ppo(tmp_path, sft, rm)
@@ -65,6 +67,7 @@ def test_ppo_raises_reward_model_score_with_bounded_kl(sft, reward_model, tmp_pa
     assert "actor" in t.state.params and "critic" in t.state.params and "score" in t.state.params["critic"]
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_adaptive_kl_controller_tracks_target(sft, reward_model, tmp_path):
     ctl = KLController(RLConfig(kl_coef=0.1, target_kl=1.0, kl_horizon=100))
     ctl.update(3.0, 50)  # far above target: error clipped to +0.2
@@ -104,6 +107,7 @@ def test_label_writes_preferences_an_rm_trains_on(sft, reward_model, tmp_path, c
     assert len(open(out).readlines()) == len(rows)
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_label_with_a_judge_lm(sft, tmp_path, capsys):
     """The judge LM's pairwise preferences (both orders) are probabilities: per prompt with 3
     distinct completions the win scores sum to the 3 pairs."""

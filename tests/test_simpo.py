@@ -73,6 +73,7 @@ def test_simpo_option_errors_one_line(tmp_path, capsys, overrides, expected):
     assert not out.exists()
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_simpo_raises_held_out_reward_accuracy(pretrained, tmp_path):
     """From the pretrained model (the SFT model already ranks ~84% of the held-out pairs right by
     its length-normalised log-prob, so there is little room above it; measured 0.836 -> 0.859 in

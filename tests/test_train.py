@@ -35,6 +35,7 @@ def test_causal_lm_learns_below_unigram_entropy(tiny):
     assert result["eval_loss"] < entropy - 1.0, (result, entropy)
 
 
+@pytest.mark.slow  # long learning test: `pytest -m slow`
 def test_masked_lm_beats_most_frequent_token(tiny):
     cfg = tiny("objective.name=masked_lm", "objective.mask_prob=0.3", "train.batch_size=32",
                "train.steps=200", "eval.every=0", "checkpoint.every=0", "train.log_every=50")

@@ -45,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
 
-    i = sub.add_parser("info", help="show a checkpoint's metadata and lineage")
+    i = sub.add_parser("info", help="show a checkpoint's metadata, lineage and eval results")
     i.add_argument("ckpt")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on lm-evaluation-harness tasks (extra: jaxllm[eval])")
+    ev.add_argument("ckpt", help="run output_dir or checkpoint step dir")
+    ev.add_argument("--tasks", required=True, help="comma-separated task names (built-in or under --include-path)")
+    ev.add_argument("--include-path", help="directory of local task YAMLs")
+    ev.add_argument("--limit", type=float, help="at most N examples per task (a fraction if < 1)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--num-fewshot", type=int)
+    ev.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat format")
+    ev.add_argument("--output", help="results JSON (default: RUN_DIR/eval/results.json)")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     toks = tok.add_subparsers(dest="tok_command", required=True)
@@ -199,6 +209,19 @@ def cmd_info(args) -> int:
     for depth, (path, stage, p_step) in enumerate(ckpt_lib.lineage(args.ckpt)):
         print(f"{'  ' * depth}- {path}  " + (f"[{stage}, step {p_step}]" if stage else "(not found)"))
     src.close()
+    from jaxllm.app.evaluate import describe_results, run_dir_of
+    evals = describe_results(run_dir_of(args.ckpt)[0])
+    if evals:
+        print(evals)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jaxllm.app.evaluate import format_table, run_eval
+    record = run_eval(args.ckpt, args.tasks, include_path=args.include_path, limit=args.limit,
+                      batch_size=args.batch_size, num_fewshot=args.num_fewshot, output=args.output, chat=args.chat)
+    print(format_table(record))
+    print(f"results: {record['path']}")
     return 0
 
 
@@ -268,6 +291,7 @@ COMMANDS = {"merge": cmd_merge, "train": cmd_train, "generate": cmd_generate, "i
             "data": cmd_data, "label": cmd_label,
             "pipeline": cmd_pipeline}
 COMMANDS["convert"] = cmd_convert
+COMMANDS["eval"] = cmd_eval
 
 
 def cmd_plan(args) -> int:

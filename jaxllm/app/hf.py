@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxllm import __version__
 from jaxllm.config import DataConfig, MeshConfig, ModelConfig, RunConfig, from_dict, to_dict
 from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.core import storage
 from jaxllm.errors import CheckpointError, DataError
 from jaxllm.core.model import Transformer
 from jaxllm.core.sharding import make_mesh, make_rules, state_shardings
@@ -272,7 +273,7 @@ def load(hf_dir: str, mesh=None, **overrides) -> Transformer:
     """HF model dir -> jaxllm Transformer (its `.cfg` is the ModelConfig), params placed on `mesh`
     (None: one device; a MeshConfig or a jax Mesh). `overrides`: ModelConfig fields (scan_layers,
     dtype, param_dtype, ...)."""
-    hf_dir = os.path.abspath(hf_dir)
+    hf_dir = storage.local_dir(storage.join(hf_dir))  # safetensors memory-maps local files
     cfg = hf_config_to_model(read_hf_config(hf_dir), **overrides)
     mesh, rules = resolve_mesh(mesh)
     with _Reader(hf_dir) as reader:
@@ -282,15 +283,24 @@ def load(hf_dir: str, mesh=None, **overrides) -> Transformer:
 
 # ---- export ---------------------------------------------------------------------------------
 def _check_out_dir(out_dir: str) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    out_dir = storage.join(out_dir)
+    if storage.exists(out_dir) and (not storage.isdir(out_dir) or storage.listdir(out_dir)):
         raise CheckpointError(f"output directory {out_dir} already exists and is not empty; choose a new --out")
     return out_dir
 
 
 @contextlib.contextmanager
 def _staging(out_dir: str):
-    """Writes go to a sibling temp dir, renamed to out_dir when complete (nothing half-written)."""
+    """Writes go to a sibling temp dir, renamed to out_dir when complete (nothing half-written).
+    A remote out_dir: a local temp dir, uploaded file by file when complete."""
+    if storage.is_remote(out_dir):
+        tmp = tempfile.mkdtemp(prefix="jaxllm-hf-export-")
+        try:
+            yield tmp
+            storage.copy_tree(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -384,7 +394,7 @@ def load_tokenizer(hf_dir: str, tokenizer: Optional[str] = None, vocab_size: Opt
     if given, else the dir's tokenizer.model, else its tokenizer.json (+ tokenizer_config.json).
     With vocab_size (the model's), checks that every token id has an embedding row."""
     from jaxllm.data.tokenizer import Tokenizer
-    path = os.path.abspath(tokenizer) if tokenizer else hf_dir
+    path = storage.join(tokenizer) if tokenizer else hf_dir
     try:
         tok = Tokenizer(path)
     except DataError as e:  # say where the tokenizer came from and how to pick another
@@ -401,7 +411,7 @@ def _tokenizer_file_names(tok) -> list[tuple[str, str]]:
     tokenizer_config.json etc. of a HF tokenizer) keep theirs."""
     main = "tokenizer.json" if tok.path.endswith(".json") else "tokenizer.model"
     files = tok.files()
-    return [(files[0], main)] + [(f, os.path.basename(f)) for f in files[1:]]
+    return [(files[0], main)] + [(f, storage.path(f).name) for f in files[1:]]
 
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, mesh_cfg: Optional[MeshConfig] = None,
@@ -411,7 +421,8 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, mesh_cfg: Optional[MeshConfig] =
     `checkpoint.init_from`, `data.tokenizer` and `jaxllm generate/info` accept. mesh_cfg: where the
     params live while converting (default: fsdp over all devices). overrides: ModelConfig fields."""
     from jaxllm.data.tokenizer import Tokenizer
-    hf_dir, out_dir = os.path.abspath(hf_dir), _check_out_dir(out_dir)
+    source, out_dir = storage.join(hf_dir), _check_out_dir(out_dir)
+    hf_dir = storage.local_dir(source)  # safetensors memory-maps local files
     hf_cfg = read_hf_config(hf_dir)
     cfg = hf_config_to_model(hf_cfg, **overrides)
     tok_files = _tokenizer_file_names(load_tokenizer(hf_dir, tokenizer, cfg.vocab_size))
@@ -419,26 +430,29 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, mesh_cfg: Optional[MeshConfig] =
     mesh, rules = resolve_mesh(mesh_cfg)
     with _Reader(hf_dir) as reader:
         _, params, _ = _load_params(cfg, reader, mesh, rules)
-    tok_path = os.path.join(out_dir, tok_files[0][1])  # final location (after the rename)
+    tok_path = storage.join(out_dir, tok_files[0][1])  # final location (after the rename)
     run_cfg = RunConfig(output_dir=out_dir, stage="hf_import", model=cfg, mesh=mesh_cfg,
                         data=DataConfig(tokenizer=tok_path))
-    with _staging(out_dir) as tmp:
+    # a remote out_dir is written in place (orbax commits the checkpoint on an object store itself;
+    # a locally written checkpoint uploaded later would lack that commit marker)
+    staging = _staging(out_dir) if not storage.is_remote(out_dir) else contextlib.nullcontext(out_dir)
+    with staging as tmp:
         for src, name in tok_files:
-            shutil.copyfile(src, os.path.join(tmp, name))
-        tok_meta = {**Tokenizer(os.path.join(tmp, tok_files[0][1])).describe(), "path": tok_path}
-        meta = {"jaxllm_version": __version__, "stage": "hf_import", "step": 0, "parent": hf_dir,
+            storage.copy_file(src, storage.join(tmp, name))
+        tok_meta = {**Tokenizer(storage.join(tmp, tok_files[0][1])).describe(), "path": tok_path}
+        meta = {"jaxllm_version": __version__, "stage": "hf_import", "step": 0, "parent": source,
                 "config": to_dict(run_cfg), "model": to_dict(cfg), "tokenizer": tok_meta,
                 "objective": "causal_lm", "time": time.time(),
-                "hf_source": {"dir": hf_dir, "architecture": (hf_cfg.get("architectures") or [None])[0],
+                "hf_source": {"dir": source, "architecture": (hf_cfg.get("architectures") or [None])[0],
                               "tokenizer": tok_files[0][0], "config": hf_cfg}}
-        ckpt = ckpt_lib.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+        ckpt = ckpt_lib.Checkpointer(storage.join(tmp, "checkpoints"), keep=1, async_save=False)
         ckpt.save(0, params, {"step": jnp.int32(0), "skipped": jnp.int32(0)}, {"next_index": 0}, meta)
         ckpt.close()
-        with open(os.path.join(tmp, "model.yaml"), "w") as f:
-            f.write(f"# Imported from {hf_dir} ({meta['hf_source']['architecture']}).\n"
-                    f"# scan_layers must match the checkpoint's layout; dtype/remat/attention_impl may change.\n")
-            f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return {"out": out_dir, "step": 0, "model_yaml": os.path.join(out_dir, "model.yaml"), "tokenizer": tok_path,
+        storage.write_atomic(storage.join(tmp, "model.yaml"),
+                             f"# Imported from {source} ({meta['hf_source']['architecture']}).\n"
+                             f"# scan_layers must match the checkpoint's layout; dtype/remat/attention_impl may change.\n"
+                             + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return {"out": out_dir, "step": 0, "model_yaml": storage.join(out_dir, "model.yaml"), "tokenizer": tok_path,
             "params": sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(params))}
 
 
@@ -462,11 +476,11 @@ def checkpoint_to_hf(ckpt_path: str, out_dir: str, arch: str = "LlamaForCausalLM
     model_cfg = from_dict(ModelConfig, meta["model"], "model.")
     model_to_hf_config(model_cfg, arch, dtype)  # arch/bias/dtype problems before any loading
     tok_path = (meta.get("tokenizer") or {}).get("path", "")
-    have_tok = bool(tok_path) and os.path.isfile(tok_path)
+    have_tok = bool(tok_path) and storage.exists(tok_path)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     model, tok, _ = load_model(ckpt_path, mesh, tokenizer=tok_path if have_tok else DEFAULT_TOKENIZER)
     save(model, out_dir, arch, dtype, tokenizer=tok)
     if have_tok:
         for src, name in _tokenizer_file_names(tok):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+            storage.copy_file(src, storage.join(out_dir, name))
     return {"out": out_dir, "step": step, "arch": arch, "tokenizer": have_tok}

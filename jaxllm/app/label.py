@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.app.inference import load_model
+from jaxllm.core import storage
 from jaxllm.core.arrays import positions_from_segments
 from jaxllm.core.loading import single_device_mesh
 from jaxllm.core.sampler import completions as completion_tokens
@@ -71,7 +70,7 @@ def label(policy: str, prompts: list, out: str, k: int = 4, judge: str = "", jud
           max_new: int = 16, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
           batch: int = 64) -> dict:
     """Writes `out` (JSONL) and returns a summary. Never overwrites an existing file."""
-    if os.path.exists(out):
+    if storage.exists(out):
         raise DataError(f"{out} already exists; pick a new --out (labels are never overwritten)")
     if k < 2:
         raise ConfigError(f"--k={k}: need at least 2 completions per prompt to rank")
@@ -106,20 +105,18 @@ def label(policy: str, prompts: list, out: str, k: int = 4, judge: str = "", jud
         raise ConfigError(f"--judge-kind={judge_kind!r}: use rm or lm")
 
     written = ties = 0
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".partial"
-    with open(tmp, "w") as f:
-        for p, cs, sc in zip(prompts, completions, scores):
-            # identical texts carry no preference: keep each text once, with its best score
-            best: dict = {}
-            for c, s in zip(cs, sc):
-                best[c] = max(best.get(c, -np.inf), float(s))
-            if len(best) < 2:
-                ties += 1
-                continue
-            ranked = sorted(best.items(), key=lambda kv: -kv[1])
-            f.write(json.dumps({"prompt": p, "chosen": ranked[0][0], "rejected": ranked[-1][0],
-                                "ranking": [c for c, _ in ranked], "scores": [s for _, s in ranked]}) + "\n")
-            written += 1
-    os.replace(tmp, out)  # the file appears whole or not at all
+    lines = []  # one JSON line per prompt, written whole at the end
+    for p, cs, sc in zip(prompts, completions, scores):
+        # identical texts carry no preference: keep each text once, with its best score
+        best: dict = {}
+        for c, s in zip(cs, sc):
+            best[c] = max(best.get(c, -np.inf), float(s))
+        if len(best) < 2:
+            ties += 1
+            continue
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        lines.append(json.dumps({"prompt": p, "chosen": ranked[0][0], "rejected": ranked[-1][0],
+                                 "ranking": [c for c, _ in ranked], "scores": [s for _, s in ranked]}) + "\n")
+        written += 1
+    storage.write_atomic(out, "".join(lines))  # the file appears whole or not at all
     return {"prompts": len(prompts), "written": written, "dropped_identical": ties, "out": out}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.core import storage
 from jaxllm.config import FinetuneConfig, LORA_TARGETS, RunConfig, from_dict, to_dict
 from jaxllm.errors import CheckpointError
 from jaxllm.core.model import LoRA
@@ -40,8 +40,8 @@ def fold_adapters(model: nnx.Module) -> int:
 
 
 def merge_checkpoint(path: str, out_dir: str) -> dict:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    out_dir = storage.join(out_dir)
+    if storage.exists(out_dir) and storage.listdir(out_dir):
         raise CheckpointError(f"output directory {out_dir} already exists and is not empty; choose a new --out")
     src, step = ckpt_lib.open_for_read(path)
     meta = src.metadata(step)
@@ -64,7 +64,7 @@ def merge_checkpoint(path: str, out_dir: str) -> dict:
     merged_cfg = dataclasses.replace(cfg, finetune=FinetuneConfig(), stage=f"{cfg.stage}_merged")
     new_meta = {**meta, "config": to_dict(merged_cfg), "stage": merged_cfg.stage,
                 "parent": f"{src.directory}/{step}", "merged_adapters": n}
-    dst = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
+    dst = ckpt_lib.Checkpointer(storage.join(out_dir, "checkpoints"), keep=1, async_save=False)
     dst.save(step, params, {"step": jnp.int32(step), "skipped": jnp.int32(0)}, {"next_index": 0}, new_meta)
     dst.close()
     return {"out": out_dir, "step": step, "adapters_folded": n}

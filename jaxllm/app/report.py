@@ -5,14 +5,15 @@ per stage and the checkpoint lineage."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
 from jaxllm.app.inference import load_model
 from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.core import storage
 from jaxllm.core.monitor import read_metrics
 from jaxllm.core.sampler import sample_ids
 from jaxllm.data.chat import prompt_ids
@@ -51,7 +52,9 @@ def _plot(name: str, rows: list, keys: list, path: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    storage.write_atomic(path, buf.getvalue())
     plt.close(fig)
 
 
@@ -85,9 +88,9 @@ class StageRun:
 def write_report(output_dir: str, stages: list, rep) -> str:
     """report/report.md (+ PNG curves, verdicts.json) under `output_dir` for the finished `stages`
     (StageRun); `rep`: the pipeline's report section (prompts, text_prompts, max_new_tokens)."""
-    out_dir = os.path.join(os.path.abspath(output_dir), "report")
-    os.makedirs(out_dir, exist_ok=True)
-    lines = ["# Pipeline report", "", f"Output: `{os.path.abspath(output_dir)}`", "",
+    out_dir = storage.join(output_dir, "report")
+    storage.makedirs(out_dir)
+    lines = ["# Pipeline report", "", f"Output: `{storage.join(output_dir)}`", "",
              "| stage | objective | held-out metric | before | after | moved the right way | wall s |",
              "|---|---|---|---|---|---|---|"]
     details, total_wall, verdicts = [], 0.0, {}
@@ -118,7 +121,7 @@ def write_report(output_dir: str, stages: list, rep) -> str:
         lines.append(f"| {s.name} | {obj} | {what}{extra} | {fmt(before)} | {fmt(after)} | "
                      f"{'yes' if ok else 'NO'} | {done['wall_s']:.0f} |")
         png = f"{s.name}.png"
-        _plot(s.name, rows, list(objective.curves), os.path.join(out_dir, png))
+        _plot(s.name, rows, list(objective.curves), storage.join(out_dir, png))
         kl = [r["eval_kl"] for r in evals if "eval_kl" in r]
         detail = [f"## {s.name} ({obj})", "", f"![{s.name}]({png})", ""]
         if kl:
@@ -139,9 +142,7 @@ def write_report(output_dir: str, stages: list, rep) -> str:
         detail.append("")
         details += detail
     lines += ["", f"Total wall time: {total_wall:.0f} s.", ""] + details
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "verdicts.json"), "w") as f:
-        json.dump(verdicts, f)
+    path = storage.join(out_dir, "report.md")
+    storage.write_atomic(path, "\n".join(lines) + "\n")
+    storage.write_atomic(storage.join(out_dir, "verdicts.json"), json.dumps(verdicts))
     return path

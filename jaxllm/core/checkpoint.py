@@ -10,16 +10,15 @@ Keeping `params` as its own item lets a later stage load params only (`init_from
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxllm.core import storage
 from jaxllm.errors import CheckpointError, CheckpointWriteError
 
 ITEMS = ("params", "train_state", "data", "metadata")
@@ -27,15 +26,15 @@ ITEMS = ("params", "train_state", "data", "metadata")
 
 def checkpoint_dir(path: str) -> str:
     """Accepts a run's output_dir, its checkpoints/ dir or a single step dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints")
+    path = storage.join(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints")
     return path
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.join(directory)  # absolute local path or a URL (gs://...)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only)
@@ -65,6 +64,8 @@ class Checkpointer:
         writes (its replica-0 shards) plus 10% against the free space of the checkpoint filesystem."""
         need = 1.1 * sum(sh.data.nbytes for leaf in jax.tree.leaves(tree) if hasattr(leaf, "addressable_shards")
                          for sh in leaf.addressable_shards if sh.replica_id == 0)
+        if storage.is_remote(self.directory):
+            return  # object stores report no free space; a failed write is still caught below
         free = shutil.disk_usage(self.directory).free
         if need > free:  # nothing was written: a plain error, the process can exit normally
             good = _latest_complete(self.directory)
@@ -136,9 +137,12 @@ def _os_reason(e: Exception) -> str:
 
 
 def _latest_complete(directory: str) -> Optional[int]:
-    """Largest committed step dir (orbax renames a step dir into place only once it is complete)."""
+    """Largest committed step dir: on a local disk orbax renames a step dir into place only once it
+    is complete; on an object store (no atomic rename) it marks it with commit_success.txt."""
     try:
-        steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+        steps = [int(d) for d in storage.listdir(directory) if d.isdigit()]
+        if storage.is_remote(directory):
+            steps = [s for s in steps if storage.exists(storage.join(directory, str(s), "commit_success.txt"))]
     except OSError:
         return None
     return max(steps) if steps else None
@@ -173,13 +177,13 @@ def check_shapes(saved: dict, abstract, where: str) -> None:
 def open_for_read(path: str) -> tuple["Checkpointer", int]:
     """Opens another run's checkpoints (init_from, info, generate). Path: run dir, checkpoints dir,
     or a step dir (then that step)."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = storage.join(path)
+    if not storage.exists(path):
         raise CheckpointError(f"checkpoint path not found: {path}")
     step = None
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        step, path = int(base), os.path.dirname(path)
+    base = storage.path(path).name
+    if base.isdigit() and storage.isdir(storage.join(path, "params")):
+        step, path = int(base), str(storage.path(path).parent)
     ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:

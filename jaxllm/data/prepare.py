@@ -16,12 +16,14 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import unicodedata
 
 import numpy as np
 
 from jaxllm.config import DataConfig
+from jaxllm.core import storage
 from jaxllm.data.sources import Report, read_source
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import DataError
@@ -115,8 +117,8 @@ def clean_and_dedup(records: list[dict], opts: PrepareOptions, report: Report) -
 def prepare(cfg: DataConfig, out_dir: str, opts: PrepareOptions) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    out_dir = storage.join(out_dir)
+    if storage.exists(out_dir) and storage.listdir(out_dir):
         raise DataError(f"output directory {out_dir} already exists and is not empty; choose a new --out")
     tok = Tokenizer(cfg.tokenizer)
     report, records = Report(), []
@@ -131,8 +133,11 @@ def prepare(cfg: DataConfig, out_dir: str, opts: PrepareOptions) -> dict:
     report.kept = len(texts)
     if not texts:
         raise DataError(f"nothing left after cleaning ({report.summary()})")
-    tmp = out_dir + f".tmp-{os.getpid()}"
-    os.makedirs(tmp)
+    # shards are written on the local disk (array_record writes local files), then renamed into
+    # place, or uploaded with prepared.json last (readers take a directory without it as unfinished)
+    remote = storage.is_remote(out_dir)
+    tmp = tempfile.mkdtemp(prefix="jaxllm-prepare-") if remote else out_dir + f".tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
     try:
         n_tokens = 0
         writers = [ArrayRecordWriter(os.path.join(tmp, f"shard-{i:05d}-of-{opts.shards:05d}.array_record"),
@@ -146,11 +151,18 @@ def prepare(cfg: DataConfig, out_dir: str, opts: PrepareOptions) -> dict:
         summary = {"documents": len(texts), "tokens": n_tokens, "shards": opts.shards,
                    "tokenizer": tok.describe(), "report": report.as_dict(),
                    "options": dataclasses.asdict(opts), "seconds": round(time.time() - t0, 3)}
-        with open(os.path.join(tmp, "prepared.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(tmp, out_dir)
+        if remote:
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as src, storage.path(out_dir, name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            storage.write_atomic(storage.join(out_dir, "prepared.json"), json.dumps(summary, indent=2))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with open(os.path.join(tmp, "prepared.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            if os.path.exists(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,15 +7,14 @@ why. Nothing bad crashes a run and nothing vanishes silently: the report is prin
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
 from collections import Counter
 from typing import Any, Optional
 
 import numpy as np
 
 from jaxllm.config import SourceConfig
+from jaxllm.core import storage
 from jaxllm.errors import DataError
 
 
@@ -57,11 +56,7 @@ class SourceData:
 
 
 def expand_paths(pattern: str, exts: tuple = ()) -> list[str]:
-    if os.path.isdir(pattern):
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(pattern) for f in fs
-                       if not exts or f.endswith(exts))
-    else:
-        files = sorted(glob.glob(pattern))
+    files = storage.expand(pattern, exts)
     if not files:
         raise DataError(f"data path {pattern!r} matches no files; check data.sources[i].path")
     return files
@@ -106,8 +101,7 @@ def _keep_text(text: Any, where: str, report: Report, field: str) -> Optional[di
 def _read_text(src: SourceConfig) -> SourceData:
     report, records = Report(), []
     for path in expand_paths(src.path, (".txt", ".md", ".text")):
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = storage.read_bytes(path)
         if src.doc_per == "file":
             report.read += 1
             text = _decode_utf8(raw, path, report)
@@ -126,7 +120,7 @@ def _read_text(src: SourceConfig) -> SourceData:
 
 def iter_jsonl(path: str, report: Report):
     """Yields (location, dict) for each good JSON object line; counts the bad ones."""
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for i, raw in enumerate(f):
             where = f"{path}:{i + 1}"
             if not raw.strip():
@@ -163,7 +157,8 @@ def _read_parquet(src: SourceConfig) -> SourceData:
     report, records = Report(), []
     for path in expand_paths(src.path, (".parquet",)):
         try:
-            table = pq.read_table(path)
+            with storage.path(path).open("rb") as f:
+                table = pq.read_table(f)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
             raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
         if src.text_field != "*" and src.text_field not in table.column_names:
@@ -183,9 +178,11 @@ def _read_arrayrecord(src: SourceConfig) -> SourceData:
     """Prepared shards (`jaxllm data prepare`, int32 token records) or JSON/UTF-8 text records."""
     import grain
     paths = expand_paths(src.path, (".array_record", ".arrayrecord"))
-    meta_path = os.path.join(src.path if os.path.isdir(src.path) else os.path.dirname(paths[0]),
+    meta_path = storage.join(src.path if storage.isdir(src.path) else str(storage.path(paths[0]).parent),
                              "prepared.json")
-    prepared = os.path.isfile(meta_path)
+    prepared = storage.exists(meta_path)
+    # array_record's reader takes local files only: remote shards are fetched to a local cache
+    paths = [storage.local_copy(p, suffix=".array_record") for p in paths]
     for path in paths:  # open each shard alone so the error names the bad one
         try:
             grain.sources.ArrayRecordDataSource([path]).__len__()

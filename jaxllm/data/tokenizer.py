@@ -26,7 +26,6 @@ ids as arguments (the sampler); code that has a tokenizer passes the tokenizer's
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
+from jaxllm.core import storage
 from jaxllm.errors import DataError, require
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # jaxllm's own tokenizers only
@@ -58,18 +58,14 @@ def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int = 102
         sentences.extend(line for line in t.split("\n") if line.strip())
     if not sentences:
         raise DataError("tokenizer training got no text: check the input files/sources")
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)) or ".", exist_ok=True)
     model = io.BytesIO()
     try:
         _train_sp(sentences, model, vocab_size, model_type, character_coverage, max_sentence_length)
     except RuntimeError as e:  # sentencepiece reports e.g. a vocab too small for the characters
         reason = str(e).split("] ")[-1].strip()
         raise DataError(f"tokenizer training failed: {reason}") from None
-    path = out_prefix + ".model"
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    path = storage.join(out_prefix + ".model")
+    storage.write_atomic(path, model.getvalue())
     return SentencePieceTokenizer(path)
 
 
@@ -89,14 +85,14 @@ def _train_sp(sentences, model, vocab_size, model_type, character_coverage, max_
 def _resolve(path: str) -> tuple[type, str]:
     """data.tokenizer value -> (implementation, file). A directory is searched for tokenizer.model,
     then tokenizer.json (the order `jaxllm convert hf-to-jaxllm` records them in)."""
-    path = os.path.abspath(path or DEFAULT_TOKENIZER)
-    if os.path.isdir(path):
+    path = storage.join(path or DEFAULT_TOKENIZER)
+    if storage.isdir(path):
         for name, impl in (("tokenizer.model", SentencePieceTokenizer), ("tokenizer.json", HFTokenizer)):
-            if os.path.isfile(os.path.join(path, name)):
-                return impl, os.path.join(path, name)
+            if storage.exists(storage.join(path, name)):
+                return impl, storage.join(path, name)
         raise DataError(f"tokenizer directory {path} has neither tokenizer.model (SentencePiece) nor "
                         f"tokenizer.json (Hugging Face tokenizers)")
-    if not os.path.isfile(path):
+    if not storage.exists(path):
         raise DataError(f"tokenizer file not found: {path}; train one with `jaxllm tokenizer train` or set "
                         f"data.tokenizer=PATH.model, PATH/tokenizer.json or a directory holding one")
     return (HFTokenizer if path.endswith(".json") else SentencePieceTokenizer), path
@@ -164,8 +160,11 @@ class Tokenizer:
     @cached_property
     def sha256(self) -> str:
         """Of the main file: what defines the ids (a checkpoint's tokenizer must match it)."""
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(self._bytes).hexdigest()
+
+    @cached_property
+    def _bytes(self) -> bytes:
+        return storage.read_bytes(self.path)
 
     @cached_property
     def chat(self):
@@ -184,7 +183,7 @@ class SentencePieceTokenizer(Tokenizer):
         _, self.path = _resolve(path)
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.load(self.path)
+            self.sp.LoadFromSerializedProto(self._bytes)  # from bytes: the file may be remote
         except Exception:  # sentencepiece raises OSError/RuntimeError with a long message
             raise DataError(f"tokenizer file {self.path} is not a SentencePiece model") from None
         self.specials = {t: i for t in SPECIAL_TOKENS if self.sp.id_to_piece(i := self.sp.piece_to_id(t)) == t}
@@ -204,11 +203,10 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not storage.exists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
@@ -228,22 +226,22 @@ class HFTokenizer(Tokenizer):
         _, self.path = _resolve(path)
         tokenizers = require("tokenizers")
         try:
-            self.tk = tokenizers.Tokenizer.from_file(self.path)
+            self.tk = tokenizers.Tokenizer.from_str(storage.read_text(self.path))
         except Exception as e:  # tokenizers raises a bare Exception with a serde message
             raise DataError(f"tokenizer file {self.path} is not a Hugging Face tokenizer.json "
                             f"({str(e).splitlines()[0]})") from None
-        here = os.path.dirname(self.path)
-        self.config = _read_json(os.path.join(here, "tokenizer_config.json"))
-        self.special_tokens = self._special_tokens(_read_json(os.path.join(here, "special_tokens_map.json")))
+        here = str(storage.path(self.path).parent)
+        self.config = _read_json(storage.join(here, "tokenizer_config.json"))
+        self.special_tokens = self._special_tokens(_read_json(storage.join(here, "special_tokens_map.json")))
         ids = {k: self._id(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")}
-        extra = _read_json(os.path.join(here, "generation_config.json")).get("eos_token_id") or []
+        extra = _read_json(storage.join(here, "generation_config.json")).get("eos_token_id") or []
         extra = [extra] if isinstance(extra, int) else list(extra)
         self._set_special_ids(pad=ids["pad_token"], bos=self._bos(ids["bos_token"]),
                               eos=ids["eos_token"] if ids["eos_token"] is not None else (extra or [None])[0],
                               extra_eos=extra, unk=ids["unk_token"], mask=ids["mask_token"])
         self.specials = {t: i for t in SPECIAL_TOKENS if (i := self.tk.token_to_id(t)) is not None}
         self.added_ids = set(self.tk.get_added_tokens_decoder())
-        self.chat_template = self._chat_template(os.path.join(here, "chat_template.jinja"))
+        self.chat_template = self._chat_template(storage.join(here, "chat_template.jinja"))
 
     def _special_tokens(self, special_map: dict) -> dict:
         """Special-token name -> text, as the chat template sees them (bos_token, eos_token, ...)."""
@@ -272,9 +270,8 @@ class HFTokenizer(Tokenizer):
         return configured if self.config.get("add_bos_token") else None
 
     def _chat_template(self, jinja_file: str) -> Optional[str]:
-        if os.path.isfile(jinja_file):  # newer transformers save the template as its own file
-            with open(jinja_file, encoding="utf-8") as f:
-                return f.read()
+        if storage.exists(jinja_file):  # newer transformers save the template as its own file
+            return storage.read_text(jinja_file)
         t = self.config.get("chat_template")
         if isinstance(t, list):  # several named templates: the "default" one is the chat template
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
@@ -297,5 +294,5 @@ class HFTokenizer(Tokenizer):
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def files(self) -> list[str]:
-        here = os.path.dirname(self.path)
-        return [self.path] + [p for n in HF_CONFIG_FILES if os.path.isfile(p := os.path.join(here, n))]
+        here = str(storage.path(self.path).parent)
+        return [self.path] + [p for n in HF_CONFIG_FILES if storage.exists(p := storage.join(here, n))]

@@ -8,7 +8,6 @@ is needed, and two hooks, `prepare` (e.g. DPO's reference log-probs computed onc
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -19,6 +18,7 @@ from flax import nnx
 from jaxllm import __version__
 from jaxllm.config import RunConfig, dump_yaml, to_dict
 from jaxllm.core import checkpoint as ckpt_lib
+from jaxllm.core import storage
 from jaxllm.core.arrays import to_global
 from jaxllm.core.guards import PreemptionGuard, SpikeDetector
 from jaxllm.core.loading import check_tokenizer
@@ -87,15 +87,15 @@ class Trainer:
                                 trainable=stage.trainable, extras=stage.extras, options=stage.options)
         self.graphdef, self.optimizer, self.lr_fn = self.parts.graphdef, self.parts.optimizer, self.parts.lr_fn
         self.shardings = self.parts.shardings
-        self.output_dir = os.path.abspath(cfg.output_dir)
+        self.output_dir = storage.join(cfg.output_dir)  # absolute local path or a URL
         self.ckpt: Optional[ckpt_lib.Checkpointer] = None
         # LoRA without save_base checkpoints adapters + optimizer only; the base comes from init_from
         self.with_base = not (cfg.finetune.mode == "lora" and not cfg.finetune.save_base)
 
     # -- state: resume, init_from, or fresh --
     def initial_state(self) -> tuple[TrainState, Optional[dict], Optional[str]]:
-        ckdir = os.path.join(self.output_dir, "checkpoints")
-        if os.path.isdir(ckdir):
+        ckdir = storage.join(self.output_dir, "checkpoints")
+        if storage.isdir(ckdir):
             existing = ckpt_lib.Checkpointer(ckdir, read_only=True)
             step = existing.latest_step()
             if step is not None:
@@ -196,12 +196,12 @@ class Trainer:
     def _open(self, start: int, resumed: bool) -> None:
         """Checkpointer, metrics logger, progress bar, the resolved config, held-out batches."""
         cfg, is_main = self.cfg, self.pid == 0
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.output_dir, "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(storage.join(self.output_dir, "checkpoints"),
                                           keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-        self.logger = MetricsLogger(self.output_dir, enabled=is_main)
+        self.logger = MetricsLogger(self.output_dir, enabled=is_main, tensorboard=cfg.log.tensorboard,
+                                    wandb=cfg.log.wandb, run_config=to_dict(cfg))
         if is_main:
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                f.write(dump_yaml(cfg))
+            storage.write_atomic(storage.join(self.output_dir, "config.yaml"), dump_yaml(cfg))
         self.eval_batches = [to_global(b, self.mesh, self.rules) for b in self.stage.pipeline.eval_batches]
         self.progress = Progress(cfg.train.steps, start, cfg.train.progress and is_main)
         if resumed:
