@@ -59,6 +59,7 @@ def test_dpo_raises_implicit_reward_accuracy_and_margin(sft, tmp_path):
     assert last["eval_rejected_logp_drift"] < last["eval_chosen_logp_drift"]
 
 
+@pytest.mark.slow  # long: `pytest -m slow`
 def test_dpo_precomputed_reference_matches_online(sft, tmp_path):
     losses = []
     for pre in ("false", "true"):

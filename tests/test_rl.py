@@ -30,12 +30,21 @@ def _rollouts(out):
     return [m for m in read_metrics(out) if "reward_mean" in m]
 
 
+VARIANTS = {  # rl.loss_type / rl.advantage entries and the settings their papers pair them with
+    "dr_grpo": ["rl.loss_type=dr_grpo", "rl.advantage_norm=mean"],
+    "gspo": ["rl.loss_type=gspo", "rl.clip_low=3e-4", "rl.clip_high=4e-4"],
+    "cispo": ["rl.loss_type=cispo", "rl.clip_high=0.28"],
+    "rloo": ["rl.advantage=rloo"],
+}
+
+
 @pytest.mark.slow  # long learning test: `pytest -m slow`
-def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path):
+@pytest.mark.parametrize("variant", ["grpo", *VARIANTS])
+def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path, variant):
     cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, f"checkpoint.init_from={sft}", "train.steps=40",
                        "eval.every=40", "checkpoint.every=40", "optimizer.lr=1e-4", "rl.temperature=0.7",
                        "rl.eval_temperature=0.7", "rl.eval_prompts=48",
-                       'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]')
+                       'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]', *VARIANTS.get(variant, []))
     make_trainer(cfg).run()
     first, last = _evals(cfg.output_dir)[0], _evals(cfg.output_dir)[-1]
     assert first["eval_kl"] == 0.0
@@ -85,6 +94,7 @@ def test_adaptive_kl_controller_tracks_target(sft, reward_model, tmp_path):
     assert max(kls) > target and kls[-1] < 0.75 * max(kls[1:-1]), kls
 
 
+@pytest.mark.slow  # long: `pytest -m slow`
 def test_label_writes_preferences_an_rm_trains_on(sft, reward_model, tmp_path, capsys):
     rm, _ = reward_model
     out = str(tmp_path / "labels.jsonl")

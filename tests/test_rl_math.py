@@ -91,3 +91,50 @@ def test_advantage_estimators_are_registry_entries():
     assert out["advantages"].shape == (4, 2) and abs(float(out["advantages"].mean())) < 1e-6
     with pytest.raises(ConfigError, match="rl.advantage='rlo' is not known; did you mean 'rloo'"):
         ADVANTAGES.pick("rlo")
+
+
+def _grad(loss_fn, logps):
+    import jax
+    import jax.numpy as jnp
+    return np.asarray(jax.grad(lambda lp: loss_fn(lp).sum())(jnp.asarray(logps, jnp.float32)))
+
+
+def test_gspo_cispo_dr_grpo_losses_hand_computed():
+    import jax.numpy as jnp
+    from jaxllm.config import RLConfig
+    from jaxllm.objectives import cispo_policy_loss, dr_grpo_policy_loss, gspo_policy_loss
+    from jaxllm.rl.algorithms import POLICY_LOSSES, aggregate
+    lp, old = np.array([[-1.0, -2.0, -3.0]]), np.array([[-1.5, -2.0, -2.0]])
+    mask, adv = np.array([[1.0, 1.0, 0.0]]), np.array([[2.0, 2.0, 2.0]])
+    # GSPO: sequence ratio exp(0.25) = 1.284 on every token; clip_high 0.2 caps it at 1.2 (A > 0)
+    rl = RLConfig(clip_low=0.2, clip_high=0.2)
+    loss, clipped = gspo_policy_loss(lp, old, adv, mask, rl)
+    np.testing.assert_allclose(np.asarray(loss)[0, :2], [-2 * 1.2] * 2, rtol=1e-6)
+    assert bool(clipped[0, 0]) and POLICY_LOSSES.pick("gspo").aggregation == "sequence"
+    # unclipped (wide range): d loss_t / d logp_t = -A * s, s the sequence ratio, token by token
+    wide = RLConfig(clip_low=0.9, clip_high=0.9)
+    g = _grad(lambda x: gspo_policy_loss(x, old, adv, mask, wide)[0] * mask, lp)
+    np.testing.assert_allclose(g, [[-2 * np.exp(0.25)] * 2 + [0.0]], rtol=1e-5)
+    # CISPO: weight min(r, 1 + 0.2) stop-gradient; r = [e^0.5, 1, e^-1]; grad = -w * A on every token
+    loss, capped = cispo_policy_loss(lp, old, adv, mask, rl)
+    w = np.minimum(np.exp(lp - old), 1.2)
+    np.testing.assert_allclose(np.asarray(loss), -w * adv * lp, rtol=1e-6)
+    np.testing.assert_allclose(_grad(lambda x: cispo_policy_loss(x, old, adv, mask, rl)[0], lp), -w * adv, rtol=1e-6)
+    assert list(np.asarray(capped)[0]) == [True, False, False]  # capped, but still has a gradient
+    # Dr. GRPO: the PPO-clip surrogate, normalised by sequences x max_new_tokens
+    per_tok, _ = dr_grpo_policy_loss(lp, old, adv, mask, rl)
+    total, denom = aggregate(per_tok, jnp.asarray(mask), "constant", max_tokens=8)
+    np.testing.assert_allclose(float(total), float((np.asarray(per_tok) * mask).sum()), rtol=1e-6)
+    assert float(denom) == 8.0  # one sequence with generated tokens x 8
+
+
+def test_dr_grpo_needs_unnormalised_advantages(tiny):
+    from jaxllm.errors import ConfigError
+    from jaxllm.objectives import validate
+    base = ["objective.name=grpo", "data.kind=prompt", 'rl.rewards=[{kind: function, fn: "jaxllm.rl.rewards:exact_match"}]']
+    cfg = tiny(*base, "rl.loss_type=dr_grpo", base="configs/runs/grpo_tiny.yaml")
+    with pytest.raises(ConfigError, match="rl.advantage_norm=mean"):
+        validate(cfg)
+    validate(tiny(*base, "rl.loss_type=dr_grpo", "rl.advantage_norm=mean", base="configs/runs/grpo_tiny.yaml"))
+    with pytest.raises(ConfigError, match="did you mean 'gspo'"):
+        validate(tiny(*base, "rl.loss_type=gsop", base="configs/runs/grpo_tiny.yaml"))

@@ -21,8 +21,9 @@ from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import ConfigError
 from jaxllm.objectives import lm, preference, rl, simpo
 from jaxllm.objectives.preference import dpo_loss, reward_pair_loss, sequence_logprobs  # noqa: F401
-from jaxllm.rl.algorithms import (gae, group_advantages, kl_penalty, ppo_policy_loss,  # noqa: F401
-                                  ppo_value_loss)
+from jaxllm.rl.algorithms import (cispo_policy_loss, dr_grpo_policy_loss, gae, group_advantages,  # noqa: F401
+                                  gspo_policy_loss, gspo_ratio, kl_penalty, ppo_policy_loss, ppo_value_loss,
+                                  reinforce_pp_advantages, rloo_advantages)
 from jaxllm.train.loop import Trainer
 from jaxllm.train.objective import LossContext, LossOut, Objective, Stage  # noqa: F401 (public API)
 from jaxllm.train.state import check_freeze_matches, trainable_filter

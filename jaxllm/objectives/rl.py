@@ -26,15 +26,22 @@ def _rl_metrics(batch, logps, entropy, was_clipped, m):
             "ratio": ((jnp.exp(logps - batch["old_logps"]) * m).sum(), n)}
 
 
+def _policy_terms(rl, logps, batch, m):
+    """(per-token policy loss, was clipped, how to aggregate) of the rl.loss_type entry."""
+    loss = POLICY_LOSSES[rl.loss_type]
+    pg, was_clipped = loss(logps, batch["old_logps"], batch["advantages"], m, rl)
+    return pg, was_clipped, getattr(loss, "aggregation", rl.loss_agg)
+
+
 def grpo_loss(model, batch, ctx: LossContext) -> LossOut:
     """Policy loss (rl.loss_type) with the rollout's advantages + kl_coef * KL(policy || reference)."""
     rl = ctx.extras["rl"]
     logps, entropy = lm_token_logps(model, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
-    pg, was_clipped = POLICY_LOSSES[rl.loss_type](logps, batch["old_logps"], batch["advantages"], rl)
+    m = batch["loss_mask"].astype(jnp.float32)
+    pg, was_clipped, how = _policy_terms(rl, logps, batch, m)
     kl = kl_penalty(logps, batch["ref_logps"], rl.kl_estimator)
     per_tok = pg + rl.kl_coef * kl if rl.kl_coef else pg
-    m = batch["loss_mask"].astype(jnp.float32)
-    total, denom = aggregate(per_tok, m, rl.loss_agg)
+    total, denom = aggregate(per_tok, m, how, rl.max_new_tokens)
     return LossOut(total, denom, _rl_metrics(batch, logps, entropy, was_clipped, m))
 
 
@@ -43,10 +50,10 @@ def ppo_loss(model, batch, ctx: LossContext) -> LossOut:
     rl = ctx.extras["rl"]
     logps, entropy = lm_token_logps(model.actor, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
     values = model.critic.scores(batch["inputs"], batch["positions"], batch["segment_ids"])
-    pg, was_clipped = POLICY_LOSSES[rl.loss_type](logps, batch["old_logps"], batch["advantages"], rl)
-    vl = value_terms(values, batch["old_values"], batch["returns"], rl.value_clip)
     m = batch["loss_mask"].astype(jnp.float32)
-    total, denom = aggregate(pg + rl.vf_coef * vl, m, rl.loss_agg)
+    pg, was_clipped, how = _policy_terms(rl, logps, batch, m)
+    vl = value_terms(values, batch["old_values"], batch["returns"], rl.value_clip)
+    total, denom = aggregate(pg + rl.vf_coef * vl, m, how, rl.max_new_tokens)
     metrics = _rl_metrics(batch, logps, entropy, was_clipped, m)
     metrics["value_loss"] = ((vl * m).sum(), m.sum())
     return LossOut(total, denom, metrics)
@@ -60,6 +67,8 @@ def check_rl(cfg: RunConfig, name: str, min_group: int, has_critic: bool) -> Non
         if r.kind == "function":
             load_function(r.fn)  # importable now, not after the first rollout
     POLICY_LOSSES.pick(rl.loss_type)
+    if rl.loss_type == "dr_grpo" and rl.advantage_norm != "mean":
+        raise ConfigError("rl.loss_type=dr_grpo trains on unnormalised group advantages: set rl.advantage_norm=mean")
     KL_ESTIMATORS.pick(rl.kl_estimator)
     needs_values = rl.advantage and getattr(ADVANTAGES.pick(rl.advantage), "needs_values", False)
     if needs_values and not has_critic:

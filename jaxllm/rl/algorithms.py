@@ -38,7 +38,9 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k1"):
     return KL_ESTIMATORS[kind](d)
 
 
-# ---- policy losses: (logps, old_logps, advantages, rl) -> (per-token loss, was clipped) ---------------
+# ---- policy losses: (logps, old_logps, advantages, mask, rl) -> (per-token loss, was clipped) ---------
+# An entry may set `.aggregation` ("token", "sequence" or "constant"), overriding rl.loss_agg: the
+# normalisation is part of what defines Dr. GRPO and GSPO.
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
     """Per-token PPO-clip loss max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)), r = exp(logp - old),
     and where clipping was active."""
@@ -50,9 +52,57 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
 
 
 @POLICY_LOSSES.register("grpo")
-def grpo_policy_loss(logprobs, old_logprobs, advantages, rl: RLConfig):
+def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
     """The PPO-clip surrogate per token (GRPO's and PPO's policy term)."""
     return clipped_surrogate(logprobs, old_logprobs, advantages, rl.clip_low, rl.clip_high)
+
+
+@POLICY_LOSSES.register("dr_grpo")
+def dr_grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+    """Dr. GRPO (Liu et al. 2025): GRPO's surrogate, summed over tokens and divided by a constant
+    (sequences x rl.max_new_tokens) instead of each sequence's length, which removes the length
+    bias; paired with unnormalised group advantages (rl.advantage_norm=mean, checked at load)."""
+    return clipped_surrogate(logprobs, old_logprobs, advantages, rl.clip_low, rl.clip_high)
+
+
+dr_grpo_policy_loss.aggregation = "constant"
+
+
+def gspo_token_ratio(logprobs, old_logprobs, mask):
+    """GSPO's per-token ratio: equal in value to the sequence ratio gspo_ratio [N] on every token,
+    with the gradient of that token's log-prob (sg(s_i) * exp(logp_t - sg(logp_t)), GSPO-token)."""
+    lp = jnp.asarray(logprobs, jnp.float32)
+    seq = jax.lax.stop_gradient(gspo_ratio(lp, old_logprobs, mask))
+    return seq[:, None] * jnp.exp(lp - jax.lax.stop_gradient(lp))
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+    """GSPO (Zheng et al. 2025): the clipped surrogate on the sequence-level ratio (the geometric
+    mean of the token ratios), so a whole sequence is clipped or not; sequence-mean aggregation.
+    Its clip ranges are ~1e-3, not 0.2: set rl.clip_low / rl.clip_high (paper: 3e-4 / 4e-4)."""
+    ratio = gspo_token_ratio(logprobs, old_logprobs, mask)
+    adv = jnp.asarray(advantages, jnp.float32)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - rl.clip_low, 1.0 + rl.clip_high)
+    return jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+gspo_policy_loss.aggregation = "sequence"
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+    """CISPO (MiniMax-M1, 2025): REINFORCE on every token with a stop-gradient importance weight
+    truncated at 1 + rl.clip_high, -sg(min(r, 1 + clip_high)) * A * logp: no token's gradient is
+    dropped by clipping, only its weight is capped. Token-level aggregation."""
+    lp = jnp.asarray(logprobs, jnp.float32)
+    ratio = jnp.exp(jax.lax.stop_gradient(lp) - jnp.asarray(old_logprobs, jnp.float32))
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + rl.clip_high))
+    return -weight * jnp.asarray(advantages, jnp.float32) * lp, ratio > 1.0 + rl.clip_high
+
+
+cispo_policy_loss.aggregation = "token"
 
 
 def masked_mean(x, mask):
@@ -81,10 +131,14 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     return masked_mean(value_terms(values, old_values, returns, clip), mask)
 
 
-def aggregate(per_tok, mask, how: str):
-    """-> (sum, denom): token-level (all tokens weigh the same) or sequence-level (each
-    sequence's token mean weighs the same)."""
+def aggregate(per_tok, mask, how: str, max_tokens: int = 0):
+    """-> (sum, denom): token-level (all tokens weigh the same), sequence-level (each sequence's
+    token mean weighs the same) or constant (the token sum over sequences x max_tokens, Dr. GRPO).
+    A sum and a denominator, so micro-batch accumulation stays exact."""
     m = mask.astype(jnp.float32)
+    if how == "constant":
+        has = (m.sum(-1) > 0).astype(jnp.float32)
+        return (per_tok * m).sum(), has.sum() * max_tokens
     if how == "sequence":
         per_seq = (per_tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
         has = (m.sum(-1) > 0).astype(jnp.float32)
