@@ -19,6 +19,8 @@ def _early_devices(argv):
     if "--devices" in argv:
         n = argv[argv.index("--devices") + 1]
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+    if "plan" in argv[1:2]:  # compiles for compile-only TPU devices: JAX itself stays on the CPU
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 _early_devices(sys.argv)
@@ -401,8 +403,13 @@ def suite_table(args):
     print(write_readme(load_records()))
 
 
+def suite_plan(args):
+    from benchmarks.plan_suite import suite_plan as run
+    run(args, write_record)
+
+
 SUITES = {"train": suite_train, "data": suite_data, "checkpoint": suite_checkpoint, "peer": suite_peer,
-          "rollout": suite_rollout, "posttrain": suite_posttrain, "table": suite_table}
+          "rollout": suite_rollout, "posttrain": suite_posttrain, "table": suite_table, "plan": suite_plan}
 
 
 def main(argv=None):
@@ -417,6 +424,7 @@ def main(argv=None):
     p.add_argument("--model", help="model YAML for the train suite (with --batch/--seq)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--models", default="8b,70b", help="plan suite: which of 8b,70b to compile")
     args = p.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 2, 1

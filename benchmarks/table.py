@@ -35,6 +35,14 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   (`compiled.memory_analysis().temp_size_in_bytes`, XLA:CPU's buffer assignment; other backends
   assign buffers differently, but the [B, T, V] float32 logits and their gradient are what the
   chunked head removes, and that saving grows with vocabulary x tokens).
+- **plan**: `python -m benchmarks.run plan` (`benchmarks/plan_suite.py`) compiles the real train step
+  ahead of time for compile-only TPU devices (libtpu) on the CPU machine named in the record and
+  reads XLA's memory analysis (`jaxllm plan`): Llama-3-8B on v5p-8 (4 chips, fsdp 4) and Llama-3-70B
+  on v5p-256 (128 chips, fsdp 128), seq 8192, bf16 compute, fp32 params + AdamW, one micro-batch.
+  "pinned host" is XLA's host memory for offloaded activations. The XLA/model FLOP ratio (remat
+  recomputation) is counted once per policy at 1 sequence per chip; the roofline step time uses
+  XLA's FLOPs in those rows and the model FLOPs elsewhere, and ignores communication. MaxText rows
+  are quoted from issue 19 (MaxText 0.2.5 `train_compile`, same shapes and sharding), not re-run.
 - **GPU**: no GPU was available to the sessions that produced these records; GPU rows will appear
   here when measured.
 - **peer, day to day**: machines of this kind ("AMD EPYC", 2 cores, AVX-512) differ from day to
@@ -121,6 +129,22 @@ def _checkpoint(r):
              f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]]]
 
 
+def _plan(r):
+    rows = []
+    for row in r["results"]["rows"]:
+        host = f"{row['host_gib']:.1f}" if row["host_gib"] else "-"
+        flops = f"{row['xla_flops'] / row['model_flops']:.2f}" if row.get("xla_flops") else "-"
+        rows.append([f"jaxllm {r.get('git_commit', '')}", row["model"], row["topology"], row["remat"], row["attention"],
+                     row["per_chip"], f"{row['total_gib']:.1f}", f"{row['temp_gib']:.1f}", host,
+                     "yes" if row["fits"] else "no", flops, f"{row['step_time_s']:.2f}" if row["step_time_s"] else "-",
+                     f"jax {r['jax']}, libtpu {r['config']['libtpu']}", r["date"]])
+    for m in r["config"].get("maxtext_8b_v5p8", []):
+        rows.append([f"MaxText {r['config']['maxtext_version']}", "8b", "v5p-8", m["remat"], m["attention"],
+                     f"max {m['max_per_chip']}", f"{m['gib_at_1']} (1/chip)" + (f", {m['gib_at_2']} (2/chip)" if m["gib_at_2"] else ""),
+                     "-", "-", "-", "-", "-", "quoted (issue 19)", "-"])
+    return rows
+
+
 # suite -> (title, columns, record -> rows), in README order
 SECTIONS = {
     "train": ("train", ["model", "params", "batch x seq", "mesh (d,f,t)", "device", "ms/step", "tokens/s",
@@ -136,6 +160,9 @@ SECTIONS = {
     "rollout": ("rollout (KV-cache sampler, greedy, no early stop)",
                 ["model", "batch", "prompt + new", "prefill tok/s", "decode tok/s", "decode ms/step",
                  "roofline fraction (decode)", "full recompute tok/s", "sampler speedup", "device", "date"], _rollout),
+    "plan": ("plan (TPU ahead-of-time compiles of the real step: per-chip HBM, seq 8192, no grad accumulation)",
+             ["system", "model", "topology", "remat", "attention", "seqs/chip", "total GiB/chip", "temp GiB",
+              "pinned host GiB", "fits", "XLA/model FLOPs", "roofline s/step", "versions", "date"], _plan),
     "checkpoint": ("checkpoint (orbax)", ["state", "size", "save s (sync)", "restore s", "async save: loop slowdown",
                                           "device", "date"], _checkpoint),
 }

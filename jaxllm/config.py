@@ -52,9 +52,24 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"
-    remat: Literal["none", "full", "save_dots"] = "none"
+    # What the backward pass recomputes; names as in MaxText (core/attention.py REMAT_POLICIES):
+    # none | minimal (= save_dots) | save_dot_with_context_except_mlp | save_dot_except_mlp |
+    # save_dot_except_mlpwi | save_qkv_proj | save_out_proj | full, and the host-offloading
+    # minimal_offloaded | qkv_proj_offloaded (saved activations wait in pinned host memory).
+    remat: Literal["none", "full", "save_dots", "minimal", "minimal_offloaded", "save_dot_with_context_except_mlp",
+                   "save_dot_except_mlp", "save_dot_except_mlpwi", "save_qkv_proj", "qkv_proj_offloaded",
+                   "save_out_proj"] = "none"
     scan_layers: bool = False
-    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    # xla (reference einsum path), cudnn (GPU flash), splash (Pallas TPU kernel; interpret mode off
+    # TPU), auto (splash on TPU, jax.nn.dot_product_attention elsewhere). See core/attention.py.
+    attention_impl: Literal["xla", "cudnn", "splash", "auto"] = "xla"
+    # Cast each scanned layer's weights to the compute dtype inside the layer loop (model._pin_in_loop).
+    # Measured with jaxllm plan: -3.5 GiB per chip for Llama-3-8B on v5p-8 (fsdp); but on the 405B
+    # fsdp x tensor config XLA then kept the saved layer inputs twice (110.3 vs 58.7 GiB), so
+    # configs/models/llama3_405b.yaml turns it off.
+    cast_in_loop: bool = True
+    attention_block_q: int = 512  # splash tile sizes (multiples of 128; cut to divide the sequence)
+    attention_block_kv: int = 512
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -64,6 +79,10 @@ class ModelConfig:
                               f"{self.n_kv_heads}; grouped-query attention needs n_heads = k * n_kv_heads")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, name) < 128 or getattr(self, name) % 128:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive multiple of 128 "
+                                  f"(the TPU lane width), e.g. 512")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(DTYPES)}")

@@ -138,6 +138,9 @@ def add_plan_parser(sub) -> None:
     pp.add_argument("--analytic", action="store_true", help="TPU: estimate from formulas, do not compile")
     pp.add_argument("--no-xla-flops", action="store_true", help="skip the XLA FLOP cross-check (saves a few s)")
     pp.add_argument("--json", action="store_true", help="print the result as JSON")
+    pp.add_argument("--auto-remat", action="store_true",
+                    help="TPU: compile each model.remat policy from the least recomputation to the most and "
+                         "report the first that fits")
 
 
 def main(argv: list[str] | None = None) -> int:

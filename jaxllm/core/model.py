@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from jaxllm.config import ModelConfig
+from jaxllm.core import attention as attn_kernels
+from jaxllm.core import decode as paged
 from jaxllm.core.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully-masked rows (padding) give a uniform softmax, not NaN
@@ -149,12 +152,15 @@ def attention_mask(q_segments, kv_segments, causal: bool, q_offset=None):
     return mask[:, None]
 
 
-def dot_product_attention(q, k, v, mask, impl: str = "xla"):
+def dot_product_attention(q, k, v, mask, impl: str = "xla", block_q: int = 512, block_kv: int = 512):
     """q: [B, T, H, Dh], k/v: [B, S, K, Dh], mask: [B, 1, T, S] -> [B, T, H, Dh].
 
-    impl="xla" is a plain einsum path (any backend, float32 softmax); "cudnn"/"auto" go through
-    jax.nn.dot_product_attention (cuDNN flash attention on GPU).
+    impl="xla" is a plain einsum path (any backend, float32 softmax); "cudnn" and "dpa" go through
+    jax.nn.dot_product_attention (cuDNN flash attention on GPU); "splash" takes an
+    attention.Segments in place of the dense mask (core/attention.py).
     """
+    if impl == "splash":
+        return attn_kernels.splash_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
     if impl != "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask,
                                             implementation="cudnn" if impl == "cudnn" else None)
@@ -186,6 +192,7 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, z, (K, Dh), ("kv_heads", "head_dim"), pd)
         self.qkv_bias = cfg.qkv_bias
         self.impl = cfg.attention_impl
+        self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
         self.dtype = _dtype(cfg.dtype)
         for name, heads, axis in (("q", H, "heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads")):
             _add_lora(self, name, lora, (D,), (heads, Dh), ("embed",), (axis, "head_dim"), rngs, pd)
@@ -198,21 +205,34 @@ class Attention(nnx.Module):
         v = _project(self, "v", x)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-        return q, k, v
+        # names for the remat policies (attention.REMAT_POLICIES)
+        return checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
 
     def __call__(self, x, positions, inv_freq, mask, cache=None, index=None):
         """x: [B, T, D] -> ([B, T, D], cache). With a KV cache ((k, v), each [B, S, K, Dh]) this
-        chunk's keys/values are written at slot `index` and the queries attend over the cache."""
+        chunk's keys/values are written at slot `index` and the queries attend over the cache.
+        With mask a decode.PagedKV the cache is compacted, (k, v) each [K, B, S, Dh]: keys/values
+        go to the per-row slots mask.slots; one query (a decode step) attends with the Pallas
+        kernel to slots [0, mask.lengths), a longer chunk (prefill, from an empty cache) to itself."""
         q, k, v = self.project_qkv(x)
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "act_len", "act_heads", None))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "act_len", "act_kv_heads", None))
-        if cache is not None:
+        out = None
+        if isinstance(mask, paged.PagedKV):
+            cache = paged.write_kv(cache, k, v, mask.slots)
+            if q.shape[1] == 1:
+                out = paged.paged_decode_attention(q[:, 0], cache[0], cache[1], mask.lengths)[:, None]
+            mask = mask.mask
+        elif cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
             cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask, self.impl)  # [B, T, H, Dh]
-        return _project(self, "o", out, 2), cache  # [B, T, D]
+        impl = attn_kernels.resolve(self.impl) if cache is None else ("xla" if self.impl == "splash" else self.impl)
+        if out is None:
+            out = dot_product_attention(q, k, v, mask, impl, self.block_q, self.block_kv)  # [B, T, H, Dh]
+        out = checkpoint_name(out, "context")
+        return checkpoint_name(_project(self, "o", out, 2), "out_proj"), cache  # [B, T, D]
 
 
 @jax.custom_vjp
@@ -253,10 +273,10 @@ class MLP(nnx.Module):
         _add_lora(self, "down", lora, (F,), (D,), ("mlp",), ("embed",), rngs, pd)
 
     def __call__(self, x):  # [B, T, D]
-        dt = self.dtype
-        h = swiglu(_project(self, "gate", x), _project(self, "up", x))
-        h = constrain(h, ("batch", "act_len", "act_mlp"))  # [B, T, F]
-        return _project(self, "down", h)
+        gate = checkpoint_name(_project(self, "gate", x), "mlpwi_0")
+        up = checkpoint_name(_project(self, "up", x), "mlpwi_1")
+        h = constrain(swiglu(gate, up), ("batch", "act_len", "act_mlp"))  # [B, T, F]
+        return checkpoint_name(_project(self, "down", h), "mlpwo")
 
 
 class Block(nnx.Module):
@@ -274,10 +294,22 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "act_len", "act_embed")), cache
 
 
-def _remat_policy(name: str):
-    if name == "save_dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return None
+def _pin_in_loop(layer_state):
+    """Adds a zero that XLA cannot prove loop-invariant (it is computed from this layer's own weight
+    slice) to each float weight of a scanned layer. Without it XLA:TPU hoists the compute-dtype cast
+    of the stacked weights out of the layer loop and holds a cast copy of every layer at once
+    (3.5 GiB per chip for Llama-3-8B on v5p-8, jaxllm plan); an optimization barrier does not stop
+    it. The zero is not taken from the layer input: that made XLA keep a second copy of the saved
+    inputs (31.5 GiB per chip for Llama-3.1-405B on v5p-1024)."""
+    leaves = [w for w in jax.tree.leaves(layer_state) if jnp.issubdtype(w.dtype, jnp.floating)]
+    if not leaves:
+        return layer_state
+    # 0.0 whatever the weight is (NaN and inf included); XLA folds simpler forms, e.g.
+    # float(x > 0) * 0.0, to a constant and hoists the casts again (measured)
+    x = jax.lax.stop_gradient(leaves[0].reshape(-1)[0]).astype(jnp.float32)
+    zero = jnp.where(jnp.isfinite(x), x * 0.0, 0.0)
+    return jax.tree.map(lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w,
+                        layer_state)
 
 
 class Transformer(nnx.Module):
@@ -307,29 +339,39 @@ class Transformer(nnx.Module):
         return self.hidden_cached(tokens, positions, segment_ids, causal)[0]
 
     def hidden_cached(self, tokens, positions=None, segment_ids=None, causal: bool = True, cache=None,
-                      cache_index=None, kv_segments=None):
+                      cache_index=None, kv_segments=None, kv_lengths=None):
         """-> ([B, T, D], cache). Without a cache: the plain training forward. With one (see
         sampler.init_cache: per-layer (k, v) [B, S, K, Dh], stacked [L, ...] when scanning), the T
-        tokens sit at cache slots cache_index.., and kv_segments [B, S] marks real slots."""
+        tokens sit at cache slots cache_index.., and kv_segments [B, S] marks real slots.
+        kv_lengths [B] instead selects the compacted decode-kernel cache (init_cache(paged=True),
+        core/decode.py): row b holds kv_lengths[b] valid slots and its real tokens are appended
+        after them; T > 1 (prefill) must start from an empty cache (kv_lengths 0)."""
         cfg = self.cfg
         B, T = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is None:
+        if cache is None and attn_kernels.resolve(cfg.attention_impl) == "splash":
+            mask = attn_kernels.Segments(segment_ids, segment_ids, causal)  # the kernel masks in-kernel
+        elif cache is None:
             mask = attention_mask(segment_ids, segment_ids, causal)
-        else:
+        elif kv_lengths is None:
             mask = attention_mask(segment_ids, kv_segments, causal, q_offset=cache_index)
+        else:  # compacted cache: per-row write slots; a multi-token chunk attends to itself
+            slots, lengths = paged.chunk_slots(segment_ids, kv_lengths)
+            mask = paged.PagedKV(slots, lengths, attention_mask(segment_ids, segment_ids, causal) if T > 1 else None)
         inv_freq = rope_inv_freq(cfg)
         x = self.embed[...].astype(_dtype(cfg.dtype))[tokens]  # [B, T, D]
         x = constrain(x, ("batch", "act_len", "act_embed"))
-        policy = _remat_policy(cfg.remat)
+        use_remat, policy = attn_kernels.remat_policy(cfg.remat)
 
         def run_block(graphdef, state, h, layer_cache):
             def apply(st, h, c):
+                if cfg.scan_layers and cfg.cast_in_loop:
+                    st = _pin_in_loop(st)
                 return nnx.merge(graphdef, st)(h, positions, inv_freq, mask, c, cache_index)
-            if cfg.remat != "none" and layer_cache is None:
+            if use_remat and layer_cache is None:
                 apply = jax.checkpoint(apply, policy=policy)
             return apply(state, h, layer_cache)
 

@@ -9,6 +9,11 @@ says where the left padding ends; without one, leading pad ids are taken as padd
 log-probs are log softmax(logits / temperature) of the chosen token, i.e. what a teacher-forced
 forward pass at that temperature gives (tested), before top-k/top-p. The cache and batch are
 sharded by the same logical rules as training (`batch`, `act_kv_heads`).
+
+Decode attention (`decode_impl`): "xla" attends over all S slots each step with a mask; "paged"
+keeps a compacted cache (each row's real tokens from slot 0, left padding dropped) and reads only
+each row's valid slots with the Pallas paged-attention kernel (core/decode.py). "auto" picks paged
+on TPU when model.attention_impl is auto or splash, xla elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import EOS_ID, PAD_ID
+from jaxllm.core import decode as paged_decode
 from jaxllm.core.arrays import positions_from_segments
 from jaxllm.core.sharding import constrain, use_mesh_rules
 
@@ -38,11 +44,16 @@ class Rollout:
     finished: jax.Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
-    """Per layer (k, v), each [B, S, K, Dh]; one stacked [L, B, S, K, Dh] pair when scanning."""
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None, paged: bool = False):
+    """Per layer (k, v), each [B, S, K, Dh]; one stacked [L, B, S, K, Dh] pair when scanning.
+    paged=True: the decode kernel's layout [K, B, S', Dh] (S' = S rounded up to whole pages)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    axes = ("batch", None, "act_kv_heads", None)
+    if paged:
+        shape = (cfg.n_kv_heads, batch, paged_decode.padded_slots(slots), cfg.head_dim)
+        axes = ("act_kv_heads", "batch", None, None)
+    else:
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        axes = ("batch", None, "act_kv_heads", None)
     if cfg.scan_layers:
         z = constrain(jnp.zeros((cfg.n_layers, *shape), dtype), (None, *axes))
         return (z, z)
@@ -91,16 +102,19 @@ def _is_stop(tok, stops):
     return jnp.any(tok[..., None] == stops, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("max_new", "top_k", "mesh", "rules"))
+@partial(jax.jit, static_argnames=("max_new", "top_k", "mesh", "rules", "decode_impl"))
 def _generate(graphdef, state, prompt, prompt_mask, rng, temperature, top_p, stops, pad_id, *, max_new: int,
-              top_k: int, mesh=None, rules=None):
+              top_k: int, mesh=None, rules=None, decode_impl: str = "auto"):
     with use_mesh_rules(mesh, dict(rules or ())):
         model = nnx.merge(graphdef, state)
         B, P = prompt.shape
         seg, pos = prompt_layout(prompt, pad_id, prompt_mask)
         kv_segments = jnp.concatenate([seg, jnp.ones((B, max_new), jnp.int32)], axis=1)  # [B, S]
-        cache = init_cache(model.cfg, B, P + max_new)
-        h, cache = model.hidden_cached(prompt, pos, seg, cache=cache, cache_index=0, kv_segments=kv_segments)
+        # paged: a compacted cache, row b's n_b prompt tokens at slots [0, n_b), step t's token at n_b + t
+        paged = paged_decode.use_paged(model.cfg, decode_impl)
+        cache = init_cache(model.cfg, B, P + max_new, paged=paged)
+        where = {"kv_lengths": jnp.zeros((B,), jnp.int32)} if paged else {"cache_index": 0, "kv_segments": kv_segments}
+        h, cache = model.hidden_cached(prompt, pos, seg, cache=cache, **where)
         logits = model.logits(h[:, -1:])[:, 0]  # [B, V]
         next_pos = seg.sum(1)  # [B] position of the first generated token
 
@@ -117,8 +131,12 @@ def _generate(graphdef, state, prompt, prompt_mask, rng, temperature, top_p, sto
                    "logps": c["logps"].at[:, t].set(jnp.where(live, logp, 0.0)),
                    "mask": c["mask"].at[:, t].set(live.astype(jnp.int32))}
             done = c["done"] | _is_stop(tok, stops)
-            h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], jnp.ones((B, 1), jnp.int32),
-                                           cache=c["cache"], cache_index=P + t, kv_segments=kv_segments)
+            if paged:
+                h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], jnp.ones((B, 1), jnp.int32),
+                                               cache=c["cache"], kv_lengths=next_pos + t)
+            else:
+                h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], jnp.ones((B, 1), jnp.int32),
+                                               cache=c["cache"], cache_index=P + t, kv_segments=kv_segments)
             return {**out, "t": t + 1, "done": done, "rng": rng, "cache": cache,
                     "logits": model.logits(h)[:, 0]}
 
@@ -152,12 +170,15 @@ def _stop_array(eos_id) -> jax.Array:
 
 def generate_ids(graphdef, state, prompts, max_new: int, *, rng=None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, eos_id: Union[int, Sequence[int]] = EOS_ID,
-                 pad_id: int = PAD_ID, prompt_mask=None, mesh=None, rules=None, padding: str = "left") -> Rollout:
+                 pad_id: int = PAD_ID, prompt_mask=None, mesh=None, rules=None, padding: str = "left",
+                 decode_impl: str = "auto") -> Rollout:
     """prompts [B, P] int (host or global array; left-padded unless padding="right") -> Rollout.
     A sequence stops at any id in eos_id: one id or several (a tokenizer's eos_ids, a chat format's
     stop_ids); eos_id=() always generates max_new tokens (benchmarks). pad_id fills finished rows.
     prompt_mask [B, P]: 1 on real prompt tokens (left-padded prompts only); None: leading pad_id
-    tokens are padding."""
+    tokens are padding. decode_impl: "auto" | "xla" | "paged" (the module docstring)."""
+    if decode_impl not in paged_decode.DECODE_IMPLS:
+        raise ValueError(f"decode_impl={decode_impl!r}: choose one of {', '.join(paged_decode.DECODE_IMPLS)}")
     if isinstance(prompts, np.ndarray):
         prompts = jnp.asarray(left_align(prompts, padding, pad_id))
     if prompt_mask is not None and not isinstance(prompt_mask, jax.Array):
@@ -165,7 +186,8 @@ def generate_ids(graphdef, state, prompts, max_new: int, *, rng=None, temperatur
     rng = jax.random.key(0) if rng is None else rng
     return _generate(graphdef, state, prompts, prompt_mask, rng, jnp.float32(temperature), jnp.float32(top_p),
                      _stop_array(eos_id), jnp.int32(pad_id), max_new=max_new, top_k=top_k, mesh=mesh,
-                     rules=tuple(sorted(rules.items())) if rules else None)  # hashable: a static arg
+                     rules=tuple(sorted(rules.items())) if rules else None,  # hashable: a static arg
+                     decode_impl=decode_impl)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], width: Optional[int] = None, pad_id: int = PAD_ID) -> np.ndarray:

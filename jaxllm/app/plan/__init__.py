@@ -74,7 +74,14 @@ def _new_result(cfg: RunConfig, target: Target, shape: dict, method: str) -> Pla
                       tokens_per_step=cfg.train.batch_size * cfg.train.seq_len * (
                           REGISTRY.pick(cfg.objective.name).sequences_per_example),
                       flops_per_step=model_flops_per_step(cfg),
-                      warnings=replication_warnings(cfg, shape, make_rules(cfg.mesh.rules)))
+                      warnings=replication_warnings(cfg, shape, make_rules(cfg.mesh.rules)),
+                      remat=cfg.model.remat, attention=_attention_on(cfg.model.attention_impl, target.platform))
+
+
+def _attention_on(impl: str, platform: str) -> str:
+    if impl != "auto":
+        return impl
+    return "splash" if platform == "tpu" else "cuDNN flash (jax.nn.dot_product_attention)"
 
 
 def _fill_memory(result: PlanResult, mem: dict, cfg: RunConfig) -> None:
@@ -82,6 +89,7 @@ def _fill_memory(result: PlanResult, mem: dict, cfg: RunConfig) -> None:
     result.frozen_bytes, result.batch_bytes = mem["frozen"], mem["batch"]
     result.temp_bytes, result.code_bytes = mem["temp"], mem.get("code", 0.0)
     result.other_bytes = mem.get("other", 0.0)
+    result.host_bytes = mem.get("host", 0.0)
     result.total_bytes = (result.params_bytes + result.opt_state_bytes + result.frozen_bytes +
                           result.batch_bytes + result.temp_bytes + result.code_bytes + result.other_bytes)
     result.fits = result.total_bytes <= result.hbm_bytes
@@ -125,6 +133,29 @@ def plan(cfg: RunConfig, target: Target, compile: bool = True, xla_flops: bool =
 # --------------------------------------------------------------------------------------------
 # Command line (`jaxllm plan`; cli.py adds the subparser and dispatches here)
 # --------------------------------------------------------------------------------------------
+def auto_remat(cfg: RunConfig, target: Target, xla_flops: bool = True, log=print) -> tuple:
+    """Plans every remat policy from the least recomputation to the most (attention.AUTO_REMAT_ORDER)
+    and stops at the first that fits -> (config with that policy, its PlanResult, [(policy, result)])."""
+    import dataclasses
+
+    from jaxllm.core.attention import AUTO_REMAT_ORDER
+    tried = []
+    for policy in AUTO_REMAT_ORDER:
+        trial = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=policy))
+        result = plan(trial, target, compile=True, xla_flops=False)
+        tried.append((policy, result))
+        host = f", {result.host_bytes / GiB:.1f} GiB pinned host" if result.host_bytes else ""
+        log(f"auto-remat: {policy:<34} {result.total_bytes / GiB:7.1f} GiB per chip{host}  "
+            f"{'fits' if result.fits else 'does not fit'}")
+        if result.fits:
+            if xla_flops:
+                result.xla_flops_per_step = xla_flops_per_step(trial)
+                roofline(result, trial, {"params": result.params_bytes, "opt_state": result.opt_state_bytes,
+                                         "temp": result.temp_bytes}, result.mesh)
+            return trial, result, tried
+    return cfg, tried[-1][1], tried
+
+
 def run_cli(args) -> int:
     import json
     import sys
@@ -134,7 +165,16 @@ def run_cli(args) -> int:
     from jaxllm.config import load_config
     cfg = load_config(args.config, args.overrides)
     target = parse_gpu(args.gpu) if args.gpu else parse_topology(args.topology, args.num_slices)
-    result = plan(cfg, target, compile=not args.analytic, xla_flops=not args.no_xla_flops)
+    if getattr(args, "auto_remat", False):
+        if args.analytic or target.platform != "tpu":
+            raise PlanError("--auto-remat compiles every policy for a TPU topology: use it with --topology and "
+                            "without --analytic")
+        cfg, result, _ = auto_remat(cfg, target, xla_flops=not args.no_xla_flops,
+                                    log=lambda line: print(line, file=sys.stderr))
+        if result.fits:
+            print(f"auto-remat: the lightest policy that fits is model.remat={cfg.model.remat}", file=sys.stderr)
+    else:
+        result = plan(cfg, target, compile=not args.analytic, xla_flops=not args.no_xla_flops)
     if args.json:
         print(json.dumps({"config": args.config, **result.to_dict()}, indent=2))
     else:

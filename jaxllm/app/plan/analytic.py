@@ -71,6 +71,16 @@ def roofline(result: PlanResult, cfg: RunConfig, mem: dict, mesh_shape: dict) ->
 # --------------------------------------------------------------------------------------------
 # Analytic activation model (GPUs; also a cross-check for TPU)
 # --------------------------------------------------------------------------------------------
+def saved_per_token(remat: str, D: int, qkv: int, context: int, F: int, t: int, width: float) -> float:
+    """Activation elements one layer keeps for the backward pass, per token, under a remat policy
+    (core/attention.py REMAT_POLICIES): the layer input D plus what the policy saves."""
+    return {"none": width, "full": D, "minimal_offloaded": D, "qkv_proj_offloaded": D,
+            "minimal": 3 * D + (qkv + 2 * F) / t, "save_dots": 3 * D + (qkv + 2 * F) / t,
+            "save_dot_with_context_except_mlp": 2 * D + (qkv + context) / t,
+            "save_dot_except_mlp": 2 * D + qkv / t, "save_dot_except_mlpwi": 3 * D + qkv / t,
+            "save_qkv_proj": D + qkv / t, "save_out_proj": 2 * D}[remat]
+
+
 def activation_estimate(cfg: RunConfig, mesh_shape: dict, param_bytes: float, platform: str = "gpu") -> float:
     """Per-device bytes of activations, gradients and other temporaries in one step, from shapes.
 
@@ -78,11 +88,12 @@ def activation_estimate(cfg: RunConfig, mesh_shape: dict, param_bytes: float, pl
     compute dtype. Tensors of width D (act_embed) are not split over `tensor`; heads/mlp/vocab are.
       saved per layer until the backward pass, per token (remat policy):
         full:       D                                   (the layer input)
-        save_dots:  3D + ((H + 2K) * Dh + 2F) / t       (input + every matmul output)
+        minimal:    3D + ((H + 2K) * Dh + 2F) / t       (input + every matmul output)
         none:       W = 6D + (2(H + 2K) * Dh + 5F) / t  (+ norms, rope, silu, products)
+        the save_* policies in between (saved_per_token); *_offloaded keep only D on the device
       one layer's backward working set, per token: 2 c W, plus where attention runs through XLA
-        (attention_impl=xla, or auto on TPU) the T x T scores: 8 bytes * H/t * T (f32 logits and
-        their gradient); cuDNN's flash attention (cudnn, or auto on GPU) keeps none
+        (attention_impl=xla) the T x T scores: 8 bytes * H/t * T (f32 logits and their gradient);
+        flash kernels (splash on TPU, cuDNN on GPU: cudnn, splash or auto) keep none
       logits: 8 bytes * V/t per token (f32 logits and their gradient)
       layer weights gathered by FSDP: 2 layers (the next one is prefetched) of c-byte weights plus
         one layer's unreduced f32 gradient, all / t
@@ -101,8 +112,8 @@ def activation_estimate(cfg: RunConfig, mesh_shape: dict, param_bytes: float, pl
     c = np.dtype(m.dtype).itemsize
     qkv = (H + 2 * K) * Dh
     width = 6 * D + (2 * qkv + 5 * F) / t
-    saved = {"full": D, "save_dots": 3 * D + (qkv + 2 * F) / t, "none": width}[m.remat]
-    flash = m.attention_impl == "cudnn" or (m.attention_impl == "auto" and platform == "gpu")
+    saved = saved_per_token(m.remat, D, qkv, H * Dh, F, t, width)
+    flash = m.attention_impl in ("cudnn", "splash") or m.attention_impl == "auto"  # auto: splash / cuDNN
     scores = 0.0 if flash else 8 * H / t * T
     per_token = L * c * saved + 2 * c * width + scores + 8 * V / t
     layer_params = D * qkv + H * Dh * D + 3 * D * F

@@ -34,7 +34,8 @@ def activation_fixes(cfg: Optional[RunConfig], mesh: dict) -> str:
     if micro > mesh["data"] * mesh["fsdp"]:
         fixes.append(f"raise train.grad_accum (now {cfg.train.grad_accum}: {micro} sequences per micro-batch)")
     if cfg.model.remat != "full":
-        fixes.append(f"use model.remat=full (now {cfg.model.remat})")
+        fixes.append(f"recompute more (model.remat=full or an offloading policy, now {cfg.model.remat}; "
+                     f"`jaxllm plan --auto-remat` finds the lightest that fits)")
     if cfg.model.n_heads % (mesh["tensor"] * 2) == 0:
         fixes.append(f"split the attention heads wider (mesh.tensor, now {mesh['tensor']})")
     fixes.append(f"lower train.seq_len (now {cfg.train.seq_len}) or train.batch_size")
@@ -64,11 +65,15 @@ def format_report(r: PlanResult, config_path: str = "") -> str:
     temps = "not computed" if r.method == "precheck" else _gib(r.temp_bytes)
     lines += [f"  batch                   {_gib(r.batch_bytes):>12}",
               f"  activations/temporaries {temps:>12}"]
+    if r.remat:
+        lines.insert(2, f"remat: {r.remat}   attention: {r.attention}")
     if r.code_bytes or r.other_bytes:
         lines.append(f"  code + other            {_gib(r.code_bytes + r.other_bytes):>12}")
     pct = 100 * r.total_bytes / r.hbm_bytes
     lines.append(f"  total                   {_gib(r.total_bytes):>12}  ({pct:.0f}% of HBM)  fits: "
                  f"{'yes' if r.fits else 'NO'}")
+    if r.host_bytes:
+        lines.append(f"  pinned host memory      {_gib(r.host_bytes):>12}  (offloaded activations; not HBM)")
     if r.flops_per_step:
         lines.append(f"FLOPs per step: {r.flops_per_step:.3e} model (6N + attention, {r.tokens_per_step} tokens)"
                      + (f", {r.xla_flops_per_step:.3e} XLA HLO count (x{r.xla_flops_per_step / r.flops_per_step:.2f})"

@@ -33,6 +33,9 @@ class PlanResult:
     code_bytes: float = 0.0
     other_bytes: float = 0.0  # non-donated outputs (metrics) and what arguments hold beyond the above
     total_bytes: float = 0.0
+    host_bytes: float = 0.0  # pinned host memory the step uses (offloaded activations); not in HBM
+    remat: str = ""  # model.remat of the planned step
+    attention: str = ""  # the attention kernel the target runs (attention_impl resolved for it)
     fits: bool = False
     too_large: str = ""  # what to change when it does not fit
     # per step

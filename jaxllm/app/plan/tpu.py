@@ -90,8 +90,10 @@ def compile_for_tpu(cfg: RunConfig, target: Target, result: PlanResult) -> dict:
     args = float(ma.argument_size_in_bytes)
     outputs = float(ma.output_size_in_bytes - ma.alias_size_in_bytes)
     known = state["params"] + state["opt_state"] + state["frozen"] + state["batch"]
+    # pinned host memory: activations a *_offloaded remat policy keeps there
+    host = sum(float(getattr(ma, f"host_{k}_size_in_bytes", 0) or 0) for k in ("temp", "argument"))
     return {"temp": float(ma.temp_size_in_bytes), "code": float(ma.generated_code_size_in_bytes),
-            "other": max(args - known, 0.0) + outputs}
+            "other": max(args - known, 0.0) + outputs, "host": host}
 
 
 def mesh_axes(cfg: RunConfig) -> dict:
