@@ -135,10 +135,12 @@ def test_activation_estimate_follows_remat_and_batch():
     full = planlib.activation_estimate(cfg, shape, 0.0, "tpu")
     dots = planlib.activation_estimate(load_config(CFG_8B, [one, "model.remat=save_dots"]), shape, 0.0, "tpu")
     double = planlib.activation_estimate(load_config(CFG_8B, ["train.grad_accum=4"]), shape, 0.0, "tpu")
+    quad = planlib.activation_estimate(load_config(CFG_8B, ["train.grad_accum=2"]), shape, 0.0, "tpu")
+    assert quad - double == pytest.approx(2 * (double - full))  # activations grow with the micro-batch
     # attention_impl=auto is a flash kernel on both (splash on TPU, cuDNN on GPU); xla keeps T x T scores
     assert planlib.activation_estimate(cfg, shape, 0.0, "gpu") == full
     scores = planlib.activation_estimate(load_config(CFG_8B, [one, "model.attention_impl=xla"]), shape, 0.0, "tpu")
-    assert dots > full and 1.8 * full < double < 2 * full and scores > full
+    assert dots > full and 1.5 * full < double < 2 * full and scores > full
 
 
 # ---- FLOPs: the formula against XLA's HLO cost analysis --------------------------------------

@@ -94,7 +94,8 @@ def activation_estimate(cfg: RunConfig, mesh_shape: dict, param_bytes: float, pl
       one layer's backward working set, per token: 2 c W, plus where attention runs through XLA
         (attention_impl=xla) the T x T scores: 8 bytes * H/t * T (f32 logits and their gradient);
         flash kernels (splash on TPU, cuDNN on GPU: cudnn, splash or auto) keep none
-      logits: 8 bytes * V/t per token (f32 logits and their gradient)
+      logits: 8 bytes * V/t per token (f32 logits and their gradient) on the plain head; with the
+        chunked head (objective.xent_chunk_tokens > 0) only for one chunk of tokens
       layer weights gathered by FSDP: 2 layers (the next one is prefetched) of c-byte weights plus
         one layer's unreduced f32 gradient, all / t
       gradients: 2 x param bytes (gradient + update), 3 x with grad_accum > 1 (+ running sum)
@@ -115,8 +116,10 @@ def activation_estimate(cfg: RunConfig, mesh_shape: dict, param_bytes: float, pl
     saved = saved_per_token(m.remat, D, qkv, H * Dh, F, t, width)
     flash = m.attention_impl in ("cudnn", "splash") or m.attention_impl == "auto"  # auto: splash / cuDNN
     scores = 0.0 if flash else 8 * H / t * T
-    per_token = L * c * saved + 2 * c * width + scores + 8 * V / t
+    per_token = L * c * saved + 2 * c * width + scores
+    chunk = cfg.objective.xent_chunk_tokens
+    head = 8 * V / t * (min(tokens, chunk) if chunk > 0 else tokens)
     layer_params = D * qkv + H * Dh * D + 3 * D * F
     weights = layer_params / t * (2 * c + 4)
     grads = (3 if cfg.train.grad_accum > 1 else 2) * param_bytes
-    return tokens * per_token + weights + grads
+    return tokens * per_token + head + weights + grads
