@@ -75,7 +75,8 @@ def test_splash_pads_lengths_that_are_not_whole_tiles():
     _assert_close(*_both(q, k, v, _packed_segments(1, 200, seed=3), True))
 
 
-@pytest.mark.parametrize("layout", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1),
+@pytest.mark.parametrize("layout", [dict(data=2, fsdp=2, tensor=2),
+                                    pytest.param(dict(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow),
                                     dict(data=1, fsdp=2, tensor=4)])
 def test_splash_sharded_equals_xla(layout):
     """Under shard_map: batch over data x fsdp, heads over tensor. With tensor=4 and 2 kv heads the kv
@@ -114,7 +115,7 @@ def _loss_and_grads(cfg, tokens, seg):
     return f(state)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])  # CI time: one in the fast set
 def test_model_splash_equals_xla(scan):
     tokens = jax.random.randint(jax.random.key(0), (2, 256), 1, 96)
     seg = _packed_segments(2, 256, seed=6)
@@ -125,7 +126,11 @@ def test_model_splash_equals_xla(scan):
         np.testing.assert_allclose(x, y, atol=2e-6, rtol=2e-4)
 
 
-@pytest.mark.parametrize("policy", [p for p in attn.REMAT_POLICIES if "offloaded" not in p])
+FAST_POLICIES = ("none", "minimal", "save_dot_except_mlp", "full")  # the rest run with -m slow (CI time)
+
+
+@pytest.mark.parametrize("policy", [p if p in FAST_POLICIES else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in attn.REMAT_POLICIES if "offloaded" not in p])
 def test_remat_policies_keep_the_gradients(policy):
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 1, 96)
     seg = jnp.ones((2, 64), jnp.int32)

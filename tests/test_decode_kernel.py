@@ -86,7 +86,7 @@ def _assert_same(ref, out):
     np.testing.assert_allclose(np.asarray(out.logps), np.asarray(ref.logps), atol=5e-4)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])  # CI time: one in the fast set
 def test_paged_sampler_matches_xla_greedy(scan):
     g, st = nnx.split(_model(scan))
     prompts, masks = pad_prompts(PROMPTS), prompt_masks(PROMPTS)
@@ -113,7 +113,7 @@ def test_decode_impl_choice(monkeypatch):
         decode.use_paged(cfg, "pallas")
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (2, 1, 4)])
+@pytest.mark.parametrize("mesh_shape", [pytest.param((2, 2, 2), marks=pytest.mark.slow), (2, 1, 4)])
 def test_paged_sampler_sharded(mesh_shape):
     """data x fsdp x tensor; (2, 1, 4) leaves the 2 kv heads unsplit on the 4-way tensor axis."""
     g, st = nnx.split(_model(True))
