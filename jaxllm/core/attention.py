@@ -25,7 +25,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllm.core import sharding as shd
 
@@ -35,13 +34,8 @@ LANES = 128  # TPU vector lane width: splash's tiles and sequence lengths are mu
 # ---- which kernel --------------------------------------------------------------------------
 def platform() -> str:
     """'tpu' | 'gpu' | 'cpu' of the active mesh's devices, else of the default backend."""
-    active = shd._ACTIVE.get()
-    mesh = active[0] if active else None
-    devices = getattr(mesh, "devices", None)
-    if isinstance(devices, np.ndarray) and devices.size:
-        name = devices.flat[0].platform
-    else:
-        name = jax.default_backend()
+    mesh, _ = shd.active_device_mesh()
+    name = mesh.devices.flat[0].platform if mesh is not None and mesh.devices.size else jax.default_backend()
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
@@ -116,10 +110,9 @@ def splash_attention(q, k, v, segments: Segments, *, block_q: int = 512, block_k
         interpret = platform() != "tpu"
     local = functools.partial(_splash_local, causal=segments.causal, block_q=block_q, block_kv=block_kv,
                               interpret=interpret)
-    active = shd._ACTIVE.get()
-    if not active or active[0] is None or not isinstance(getattr(active[0], "devices", None), np.ndarray):
+    mesh, rules = shd.active_device_mesh()
+    if mesh is None:
         return local(q, k, v, segments.q, segments.kv)
-    mesh, rules = active
     spec_q = shd.spec_for(("batch", None, "act_heads", None), rules, q.shape, mesh, what="splash q")
     spec_kv = shd.spec_for(("batch", None, "act_kv_heads", None), rules, k.shape, mesh, what="splash k/v")
     if spec_kv[2] != spec_q[2]:

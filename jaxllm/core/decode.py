@@ -43,7 +43,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.core import sharding as shd
@@ -112,13 +111,6 @@ def chunk_slots(segment_ids, kv_lengths):
 
 
 # ---- sharding helper -------------------------------------------------------------------------
-def _mesh_rules():
-    active = shd._ACTIVE.get()
-    if not active or active[0] is None or not isinstance(getattr(active[0], "devices", None), np.ndarray):
-        return None, None
-    return active
-
-
 def _cache_spec(shape, mesh, rules) -> P:
     """[K, B, S, Dh] cache -> its PartitionSpec (what init_cache constrains it to)."""
     return shd.spec_for(("act_kv_heads", "batch", None, None), rules, shape, mesh, what="decode cache")
@@ -138,7 +130,7 @@ def _write_local(kc, vc, k, v, slots):
 def write_kv(cache, k, v, slots):
     """cache (k, v) each [K, B, S, Dh]; k/v [B, T, K, Dh]; slots [B, T] -> the updated cache.
     Slots out of range (DROP) are not written."""
-    mesh, rules = _mesh_rules()
+    mesh, rules = shd.active_device_mesh()
     if mesh is None:
         return _write_local(cache[0], cache[1], k, v, slots)
     cspec = _cache_spec(cache[0].shape, mesh, rules)
@@ -190,7 +182,7 @@ def paged_decode_attention(q, k_cache, v_cache, lengths, *, pages_per_block: Opt
     pages_per_block=None picks up to BLOCK_KEYS keys a block. interpret: False (the TPU kernel),
     True (Pallas TPU interpret mode), "hlo" (the generic Pallas interpreter; see _interpret_mode),
     None (the kernel on TPU, "hlo" elsewhere)."""
-    mesh, rules = _mesh_rules()
+    mesh, rules = shd.active_device_mesh()
     if interpret is None:
         interpret = False if platform() == "tpu" else "hlo"
     local = functools.partial(_decode_local, pages_per_block=pages_per_block, interpret=interpret)

@@ -195,6 +195,15 @@ def use_mesh_rules(mesh: Mesh, rules: dict):
         _ACTIVE.reset(token)
 
 
+def active_device_mesh():
+    """(mesh, rules) of the enclosing use_mesh_rules when its mesh has real (or compile-only)
+    devices, else (None, None): what shard_map'd kernels need (an AbstractMesh has no platform)."""
+    active = _ACTIVE.get()
+    if not active or active[0] is None or not isinstance(getattr(active[0], "devices", None), np.ndarray):
+        return None, None
+    return active
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None or active[0] is None:
