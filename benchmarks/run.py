@@ -99,11 +99,12 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
 
 def corpus_batches(seq: int, batch: int, n_train: int, n_eval: int):
     from jaxllm.config import DataConfig, SourceConfig
-    from jaxllm.data.pipeline import build_text_pipeline
+    from jaxllm.data.pipeline import build_pipeline
     from jaxllm.data.tokenizer import Tokenizer
-    p = build_text_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
-                            seq, batch, seed=0, eval_batches=n_eval)
-    return [p.train_dataset[i] for i in range(n_train)], p.eval_batches
+    p = build_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
+                       seq, batch, seed=0, eval_batches=n_eval)
+    it = p.iterator()
+    return [next(it) for _ in range(n_train)], p.eval_batches
 
 
 def _mesh_from(args) -> MeshConfig:
@@ -146,29 +147,53 @@ def suite_train(args):
 
 
 def suite_data(args):
-    from jaxllm.config import DataConfig, SourceConfig
-    from jaxllm.data.pipeline import build_text_pipeline
-    from jaxllm.data.tokenizer import Tokenizer
+    """--smoke: the pipeline alone on the embedded corpus. Full: corpora of ~200 MB and ~2 GB
+    (generated into --workdir, not committed), raw JSONL and prepared ArrayRecord shards: peak RSS
+    of `jaxllm train`, time to the first step, pipeline tokens/s with 1 and 2 workers vs the
+    model's consumption (benchmarks/data_train.py); then `data prepare` vs datatrove
+    (benchmarks/data_suite.py)."""
     import time
-    batch, seq, n = (8, 32, 5) if args.smoke else (16, 128, 400)
-    t0 = time.perf_counter()
-    p = build_text_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
-                            seq, batch, seed=0, eval_batches=1)
-    build_s = time.perf_counter() - t0
-    it = p.iterator(num_threads=2, prefetch=8)
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(n):
+    from jaxllm.config import DataConfig, SourceConfig
+    from jaxllm.data.pipeline import build_pipeline
+    from jaxllm.data.tokenizer import Tokenizer
+    if args.smoke:
+        batch, seq, n = 8, 32, 5
+        t0 = time.perf_counter()
+        p = build_pipeline(DataConfig(sources=[SourceConfig(kind="default")], eval_fraction=0.1), Tokenizer(),
+                           seq, batch, seed=0, eval_batches=1)
+        it = p.iterator()
         next(it)
-    dt = time.perf_counter() - t0
-    res = {"build_s": build_s, "tokens_per_s": n * batch * seq / dt, "batches": n}
-    if not args.smoke:
-        tiny = suite_train(argparse.Namespace(**{**vars(args), "model": None}))[0][1]
-        res["tiny_model_tokens_per_s"] = tiny["tokens_per_s"]
-        res["headroom"] = res["tokens_per_s"] / tiny["tokens_per_s"]
-    write_record("data", "default-corpus", {"batch": batch, "seq": seq}, res, args.smoke)
-    print(f"data: pipeline {res['tokens_per_s']:,.0f} tok/s (build {build_s:.2f}s)"
-          + (f", tiny model consumes {res['tiny_model_tokens_per_s']:,.0f} tok/s" if not args.smoke else ""))
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        res = {"build_s": build_s, "tokens_per_s": n * batch * seq / (time.perf_counter() - t0)}
+        it.close()
+        write_record("data", "default-corpus", {"batch": batch, "seq": seq}, res, args.smoke)
+        print(f"data: pipeline {res['tokens_per_s']:,.0f} tok/s (build {build_s:.2f}s)")
+        return
+    import subprocess
+    from benchmarks import data_suite, data_train
+    sizes = {"200MB": 200 << 20, "2GB": 2 << 30}
+    workdir = args.workdir
+    os.makedirs(workdir, exist_ok=True)
+    corpora = {}
+    for label, n in sizes.items():
+        jsonl = os.path.join(workdir, f"corpus-{label}.jsonl")
+        data_suite.generate_corpus(jsonl, n, seed=0)
+        prepared = os.path.join(workdir, f"prepared-{label}")
+        if not os.path.exists(os.path.join(prepared, "prepared.json")):
+            subprocess.run([sys.executable, "-m", "jaxllm.app.cli", "data", "prepare", "configs/runs/pretrain_tiny.yaml",
+                            "--out", prepared, "--workers", "2", "--shards", "16",
+                            f"data.sources=[{{kind: jsonl, path: '{jsonl}'}}]"], check=True)
+        corpora[f"jsonl-{label}"] = f"{{kind: jsonl, path: '{jsonl}'}}"
+        corpora[f"arrayrecord-{label}"] = f"{{kind: arrayrecord, path: '{prepared}'}}"
+    rows = data_train.train_suite(corpora, [1, 2], steps=args.steps or 30)
+    res = {"train": rows}
+    if not args.skip_prepare:
+        res["prepare"] = data_suite.prepare_suite(list(sizes.values()), [1, 2], workdir)
+    write_record("data", "scale-jsonl-arrayrecord", {"sizes": sizes, "model": "tiny (pretrain_tiny.yaml)",
+                                                      "batch": 16, "seq": 128}, res, False)
 
 
 def suite_checkpoint(args):
@@ -425,6 +450,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--models", default="8b,70b", help="plan suite: which of 8b,70b to compile")
+    p.add_argument("--workdir", default="/tmp/jaxllm-bench-data", help="data suite: where generated corpora and shards go")
+    p.add_argument("--steps", type=int, default=0, help="data suite: training steps per run (0 = 30)")
+    p.add_argument("--skip-prepare", action="store_true", help="data suite: only the training-input half")
     args = p.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 2, 1

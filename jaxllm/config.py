@@ -126,6 +126,7 @@ class SourceConfig:
     data_dir: str = ""  # tfds data_dir
     weight: float = 1.0  # mixture weight
     size: int = 0  # generated datasets: number of examples (0 = the generator's default)
+    chunk_bytes: int = 0  # jsonl / text lines: bytes per read unit (0 = 1 MiB); the unit of shuffling and sharding
 
     def validate(self) -> None:
         if self.kind in ("text", "jsonl", "parquet", "arrayrecord") and not self.path:
@@ -144,14 +145,21 @@ class DataConfig:
     eval_fraction: float = 0.05
     tokenizer: str = ""  # SentencePiece .model, HF tokenizer.json or a dir holding one; "" = the embedded default
     max_prompt_len: int = 64  # prompt kind: prompts are left-padded/truncated to this many tokens
-    num_threads: int = 2
-    prefetch: int = 4
+    num_threads: int = 2  # grain read threads per process (or per worker)
+    prefetch: int = 4  # batches (and units) buffered ahead
+    workers: int = 0  # grain worker processes that read, tokenize and pack; 0 = in the training process
+    packing: Literal["auto", "first_fit", "none"] = "auto"  # chat/preference examples packed into rows; auto: chat first_fit, preference none
+    max_examples_per_row: int = 16  # packed preference rows: at most this many examples per row
 
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("data.sources is empty: name at least one source")
         for s in self.sources + self.eval_sources:
             s.validate()
+        if self.workers < 0 or self.num_threads < 1 or self.prefetch < 1:
+            raise ConfigError("data.workers must be >= 0 and data.num_threads, data.prefetch >= 1")
+        if self.max_examples_per_row < 1:
+            raise ConfigError(f"data.max_examples_per_row={self.max_examples_per_row} must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
 

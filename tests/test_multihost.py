@@ -50,7 +50,7 @@ def _wait_all(procs, timeout=300):
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
-def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
+def test_two_processes_train_checkpoint_and_resume_exactly(tmp_path):
     out = tmp_path / "multi"
     # 3 steps, stop (checkpoint), then a fresh pair of processes resumes to 6
     for stop in ("train.stop_at=3", "train.stop_at=0"):
@@ -60,17 +60,31 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     assert "resuming from checkpoint step 3" in results[0][1]  # process 0 prints; both resumed
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [3, 6]
     multi = read_metrics(str(out))
-    # one process, 4 devices, same global batch and mesh size
-    single = tmp_path / "single"
-    r = subprocess.run(_cmd(single, "train.steps=6"), cwd=ROOT, env=_env(4), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = read_metrics(str(single))
+    # the same two processes without the stop: resume is exact (each process reads its own units,
+    # so its data depends on (seed, step, process), and the iterator state restores it)
+    straight = tmp_path / "straight"
+    for rc, o, e in _wait_all(_launch(straight, 2, "train.steps=6")):
+        assert rc == 0, e[-3000:]
+    ref = read_metrics(str(straight))
     losses = lambda ms: {m["step"]: m["loss"] for m in ms if "loss" in m}
     evals = lambda ms: [m["eval_loss"] for m in ms if "eval_loss" in m]
     assert sorted(losses(multi)) == list(range(1, 7))  # only process 0 logs: each step once
     assert losses(multi) == pytest.approx(losses(ref), rel=2e-6, abs=0)
     assert evals(multi) == pytest.approx(evals(ref), rel=2e-6) and evals(ref)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_held_out_loss_of_one_process(tmp_path):
+    """One process on 4 devices vs two processes of 2: the same held-out batches (read globally,
+    rows split by process) give the same step-0 held-out loss."""
+    evals = lambda ms: [m["eval_loss"] for m in ms if "eval_loss" in m]  # noqa: E731
+    single = tmp_path / "single"
+    r = subprocess.run(_cmd(single, "train.steps=6", "train.stop_at=1", "eval.every=3"), cwd=ROOT, env=_env(4),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2 = _wait_all(_launch(tmp_path / "multi0", 2, "train.steps=6", "train.stop_at=1", "eval.every=3"))
+    assert all(rc == 0 for rc, _, _ in r2), r2[0][2][-3000:]
+    assert evals(read_metrics(str(tmp_path / "multi0")))[0] == pytest.approx(evals(read_metrics(str(single)))[0], rel=2e-6)
 
 
 def test_multihost_preemption_stops_every_process_at_the_same_step(tmp_path):

@@ -227,10 +227,10 @@ def test_sft_then_grpo_from_a_converted_model_use_its_template_and_ids(converted
     common = [f"model={out}/model.yaml", f"data.tokenizer={out}", "checkpoint.every=0", "train.log_every=1"]
     sft = stage_config(tmp_path / "sft", "sft_tiny", *common, f"checkpoint.init_from={out}", "train.steps=3",
                        "train.batch_size=8", "eval.every=0", "objective.eval_generate=0", "data.eval_sources=[]",
-                       "data.eval_fraction=0")
+                       "data.eval_fraction=0", "data.packing=none")
     trainer = make_trainer(sft)
     tok = trainer.stage.tokenizer
-    batch = trainer.stage.pipeline.train_dataset[0]
+    batch = next(trainer.stage.pipeline.iterator())
     answers = {r["answer"] for r in tasks.generate("mix", "train")}
     for targets, m, inputs in zip(batch["targets"], batch["loss_mask"], batch["inputs"]):
         learned = targets[m == 1]  # the model's own template, assistant turn only, ending at its EOT

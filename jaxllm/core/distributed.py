@@ -86,3 +86,21 @@ def initialize(args: DistributedArgs = DistributedArgs(), env=os.environ) -> boo
                           f"timeout {args.init_timeout_s}s): {first}; check that every process runs and the "
                           f"coordinator address is reachable") from None
     return True
+
+
+def allgather_json(obj) -> list:
+    """Every process's JSON-serialisable `obj`, in process order (a collective: all processes call
+    it). Used for the per-process input-iterator states that go into one checkpoint."""
+    import json
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, lengths)]

@@ -15,7 +15,7 @@ from jaxllm.config import RunConfig
 from jaxllm.core.sampler import sample_ids
 from jaxllm.core.xent import lm_token_loss
 from jaxllm.data.chat import prompt_ids
-from jaxllm.data.pipeline import load_splits
+from jaxllm.data.pipeline import heldout_records
 from jaxllm.data.tasks import exact_match
 from jaxllm.errors import ConfigError
 from jaxllm.train.objective import LossContext, LossOut, Objective
@@ -84,8 +84,8 @@ def _sft_setup(cfg: RunConfig, stage) -> None:
     """Held-out records with a prompt and a checkable answer, scored by greedy exact match."""
     if not cfg.objective.eval_generate:
         return
-    splits = load_splits(cfg.data)
-    records = [r for e in splits.eval for r in e if isinstance(r, dict) and "prompt" in r and "answer" in r]
+    records = heldout_records(cfg.data, 4 * cfg.objective.eval_generate)
+    records = [r for r in records if isinstance(r, dict) and "prompt" in r and "answer" in r]
     stage.eval_records = records[: cfg.objective.eval_generate]
     stage.extra_eval = lambda graphdef, state: generation_eval(graphdef, state, stage.tokenizer, stage.eval_records,
                                                                cfg.objective.max_new_tokens)

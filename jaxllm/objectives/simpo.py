@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.errors import ConfigError
-from jaxllm.objectives.preference import flat_k, preference_batch_shapes
+from jaxllm.objectives.preference import per_completion, preference_batch_shapes, rows_of
 from jaxllm.core.xent import lm_token_logps
 from jaxllm.train.objective import LossContext, LossOut, Objective
 
@@ -41,15 +41,17 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_len, rejected_len, beta: flo
 
 
 def simpo_objective(model, batch, ctx: LossContext) -> LossOut:
-    flat, B, K = flat_k(batch)
-    logps, _ = lm_token_logps(model, flat, 1.0, ctx.cfg.xent_chunk_tokens)  # [B*K, T]
-    mask = flat["loss_mask"].astype(jnp.float32)
-    seq_logps, lengths = (logps * mask).sum(-1).reshape(B, K), mask.sum(-1).reshape(B, K)
+    rows = rows_of(batch)
+    logps, _ = lm_token_logps(model, rows, 1.0, ctx.cfg.xent_chunk_tokens)  # [rows, T]
+    mask = rows["loss_mask"].astype(jnp.float32)
+    seq_logps, valid = per_completion(batch, logps * mask)  # [N, 2], [N]
+    lengths, _ = per_completion(batch, mask)
     opts = ctx.options
     losses, r_c, r_r = simpo_loss(seq_logps[:, 0], seq_logps[:, 1], lengths[:, 0], lengths[:, 1], opts.beta, opts.gamma)
-    n = jnp.float32(B)
-    return LossOut(losses.sum(), n, {"reward_accuracy": ((r_c > r_r).sum(), n), "reward_margin": ((r_c - r_r).sum(), n),
-                                     "chosen_reward": (r_c.sum(), n), "rejected_reward": (r_r.sum(), n)})
+    n = valid.sum()
+    s = lambda x: (x * valid).sum()  # noqa: E731 - sums over real examples only
+    return LossOut(s(losses), n, {"reward_accuracy": (s(r_c > r_r), n), "reward_margin": (s(r_c - r_r), n),
+                                  "chosen_reward": (s(r_c), n), "rejected_reward": (s(r_r), n)})
 
 
 SIMPO = Objective("simpo", simpo_objective, ("preference",), options=SimPOOptions,

@@ -20,6 +20,7 @@ from jaxllm.config import RunConfig, dump_yaml, to_dict
 from jaxllm.core import checkpoint as ckpt_lib
 from jaxllm.core import storage
 from jaxllm.core.arrays import to_global
+from jaxllm.core.distributed import allgather_json
 from jaxllm.core.guards import PreemptionGuard, SpikeDetector
 from jaxllm.core.loading import check_tokenizer
 from jaxllm.core.model import flops_per_token
@@ -36,17 +37,34 @@ class PipelineSource:
 
     def __init__(self, trainer: "Trainer", data_state: Optional[dict]):
         cfg = trainer.cfg
-        self.it = trainer.stage.pipeline.iterator(data_state, cfg.data.num_threads, cfg.data.prefetch)
+        self.pipeline = trainer.stage.pipeline
+        self.it = self.pipeline.iterator(data_state)
         self.mesh, self.rules, self.grad_accum = trainer.mesh, trainer.rules, cfg.train.grad_accum
+        self.pad = self.cells = 0
 
     def next(self, state) -> dict:
-        return to_global(next(self.it), self.mesh, self.rules, self.grad_accum)
+        batch = next(self.it)
+        if "segment_ids" in batch:  # host numpy: costs no device sync
+            self.pad, self.cells = self.pad + int((batch["segment_ids"] == 0).sum()), self.cells + batch["segment_ids"].size
+        return to_global(batch, self.mesh, self.rules, self.grad_accum)
 
     def get_state(self) -> dict:
         return self.it.get_state()
 
     def pop_metrics(self) -> dict:
-        return {}
+        """The padding fraction of the rows since the last call (packing quality)."""
+        out = {"padding_fraction": self.pad / self.cells} if self.cells else {}
+        self.pad = self.cells = 0
+        return out
+
+    def report(self):
+        """What the input pipeline read and dropped so far (carried in the iterator state)."""
+        return self.pipeline.drop_report(self.it.get_state())
+
+    def close(self) -> None:
+        """Stops grain's worker processes and threads."""
+        if hasattr(self.it, "close"):
+            self.it.close()
 
 
 def pipeline_source(trainer: "Trainer", data_state: Optional[dict], frozen):
@@ -102,6 +120,7 @@ class Trainer:
                 meta = existing.metadata(step)
                 check_resume_compatible(meta, self.cfg, self.output_dir)
                 state, data = self._restore_full(existing, step, self.with_base)
+                data = self._own_data_state(data, existing.directory, step)
                 existing.close()
                 return state, data, meta.get("parent")
         state, parent = self.fresh_state()
@@ -117,6 +136,20 @@ class Trainer:
         state = TrainState(step=ts["step"] if keep_step else zero, params=out["params"], rest=rest,
                            opt_state=ts["opt_state"], skipped=ts["skipped"] if keep_step else zero)
         return state, out.get("data")
+
+    def _own_data_state(self, data: Optional[dict], directory: str, step: int) -> Optional[dict]:
+        """This process's iterator state from a checkpoint written by one process or by many."""
+        if not isinstance(data, dict) or "processes" not in data:
+            if data is not None and self.nproc > 1:
+                raise CheckpointError(f"checkpoint {directory}/{step} holds one process's data state but this run "
+                                      f"has {self.nproc} processes; resume it with 1 process")
+            return data
+        states = data["processes"]
+        if len(states) != self.nproc:
+            raise CheckpointError(f"checkpoint {directory}/{step} was written by {len(states)} processes, each "
+                                  f"reading its own part of the data; resume it with {len(states)} processes "
+                                  f"(or start a new run from it with checkpoint.init_from)")
+        return states[self.pid]
 
     def fresh_state(self) -> tuple[TrainState, Optional[str]]:
         """Initialised state, with the init_from checkpoint's weights loaded if one is named."""
@@ -218,8 +251,10 @@ class Trainer:
 
     def _save(self, step_done: int) -> None:
         meta = run_metadata(self.cfg, self.stage, step_done, self.parent)
-        self.ckpt.save(step_done, self.state.params, self.state.saved_parts(self.with_base),
-                       self.source.get_state(), meta)
+        data_state = self.source.get_state()
+        if self.nproc > 1:  # each process reads its own part of the data: keep every iterator's state
+            data_state = {"processes": allgather_json(data_state)}
+        self.ckpt.save(step_done, self.state.params, self.state.saved_parts(self.with_base), data_state, meta)
         self.saved.append(step_done)
 
     def _eval(self, step_done: int) -> None:
@@ -242,9 +277,16 @@ class Trainer:
             self.last["preempted"] = True
         elif final >= self.cfg.train.steps:
             self._eval(final)
+        data_report = getattr(self.source, "report", None)
+        if data_report is not None and self.pid == 0:
+            rep = data_report()
+            self.last["data_report"] = rep.as_dict()
+            if rep.dropped:
+                self.progress.write(f"data (this process, whole run): {rep.summary()}")
 
     def _close(self, guard: PreemptionGuard) -> None:
-        for closing in (self.ckpt.close, guard.close, self.progress.close, self.logger.close):
+        source_close = getattr(getattr(self, "source", None), "close", lambda: None)
+        for closing in (self.ckpt.close, guard.close, self.progress.close, self.logger.close, source_close):
             closing()
 
     def _report(self, step_done: int, metrics: dict, host_metrics: dict) -> None:
