@@ -192,7 +192,7 @@ def suite_data(args):
     res = {"train": rows}
     if not args.skip_prepare:
         res["prepare"] = data_suite.prepare_suite(list(sizes.values()), [1, 2], workdir)
-    write_record("data", "scale-jsonl-arrayrecord", {"sizes": sizes, "model": "tiny (pretrain_tiny.yaml)",
+    write_record("data_scale", "train-input", {"sizes": sizes, "model": "tiny (pretrain_tiny.yaml)",
                                                       "batch": 16, "seq": 128}, res, False)
 
 

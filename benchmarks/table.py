@@ -113,6 +113,12 @@ def _data(r):
              r["date"]]]
 
 
+def _data_scale(r):
+    return [[row["corpus"], row["workers"], f"{row['peak_rss_tree_mb']:.0f} ({row['peak_rss_main_mb']:.0f})",
+             f"{row['first_step_s']:.1f}", _fmt(row["pipeline_tokens_per_s"]), _fmt(row["model_tokens_per_s"]),
+             f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]] for row in r["results"]["train"]]
+
+
 def _rollout(r):
     c = r["config"]
     return [[r["name"], row["batch"], f"{c['prompt_len']} + {c['new_tokens']}", _fmt(row["prefill_tokens_per_s"]),
@@ -157,6 +163,9 @@ SECTIONS = {
                    "plain temp MiB", "temp ratio", "commit", "date"], _posttrain),
     "data": ("data (input pipeline)", ["source", "batch x seq", "pipeline tokens/s", "tiny model consumes tokens/s",
                                        "headroom", "build s", "device", "date"], _data),
+    "data_scale": ("data at scale (`jaxllm train` on large corpora: peak RSS of trainer + grain workers, trainer alone in brackets)",
+                   ["corpus", "workers", "peak RSS MB", "first step s", "pipeline tok/s", "model tok/s", "device",
+                    "date"], _data_scale),
     "rollout": ("rollout (KV-cache sampler, greedy, no early stop)",
                 ["model", "batch", "prompt + new", "prefill tok/s", "decode tok/s", "decode ms/step",
                  "roofline fraction (decode)", "full recompute tok/s", "sampler speedup", "device", "date"], _rollout),
