@@ -179,13 +179,12 @@ def suite_data(args):
     os.makedirs(workdir, exist_ok=True)
     corpora = {}
     for label, n in sizes.items():
-        jsonl = os.path.join(workdir, f"corpus-{label}.jsonl")
-        data_suite.generate_corpus(jsonl, n, seed=0)
+        jsonl = data_train.generate_jsonl(os.path.join(workdir, f"train-{label}.jsonl"), n, seed=0)
         prepared = os.path.join(workdir, f"prepared-{label}")
         if not os.path.exists(os.path.join(prepared, "prepared.json")):
             subprocess.run([sys.executable, "-m", "jaxllm.app.cli", "data", "prepare", "configs/runs/pretrain_tiny.yaml",
-                            "--out", prepared, "--workers", "2", "--shards", "16",
-                            f"data.sources=[{{kind: jsonl, path: '{jsonl}'}}]"], check=True)
+                            f"data.sources=[{{kind: jsonl, path: '{jsonl}'}}]", "--out", prepared, "--workers", "2",
+                            "--shards", "16"], check=True)
         corpora[f"jsonl-{label}"] = f"{{kind: jsonl, path: '{jsonl}'}}"
         corpora[f"arrayrecord-{label}"] = f"{{kind: arrayrecord, path: '{prepared}'}}"
     rows = data_train.train_suite(corpora, [1, 2], steps=args.steps or 30)

@@ -2,9 +2,7 @@
 bad records, mixtures."""
 
 import json
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from jaxllm.app.cli import main
 from jaxllm.config import DataConfig, ModelConfig, SourceConfig
 from jaxllm.data import chat, tasks
 from jaxllm.data.pipeline import build_pipeline
-from jaxllm.data.prepare import PrepareOptions, prepare
 from jaxllm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from jaxllm.errors import DataError
 from jaxllm.core.model import Transformer, attention_mask
@@ -150,48 +147,6 @@ def test_tfds_dataset_built_locally_is_read(tmp_path, tok):
         next(it)
     assert p.drop_report(it.get_state()).read > 30  # read by index, a record at a time
     assert "fox" in text or "Numbers" in text or "line" in text
-
-
-def test_bad_records_are_counted_and_good_ones_survive(tmp_path, tok):
-    path = tmp_path / "d.jsonl"
-    good = [f"document number {i} about topic {i * 7} " * 3 for i in range(6)]
-    with open(path, "wb") as f:
-        for g in good[:3]:
-            f.write(json.dumps({"text": g}).encode() + b"\n")
-        f.write(b'{"text": "broken json\n')
-        f.write(b'{"body": "no text field here at all"}\n')
-        f.write(b'{"text": "\xff\xfe invalid utf8"}\n')
-        f.write(json.dumps({"text": "   "}).encode() + b"\n")
-        f.write(b"[1, 2, 3]\n")
-        for g in good[3:]:
-            f.write(json.dumps({"text": g}).encode() + b"\n")
-    cfg = DataConfig(sources=[SourceConfig(kind="jsonl", path=str(path))])
-    summary = prepare(cfg, str(tmp_path / "out"), PrepareOptions(shards=2, min_chars=5, near_dup_threshold=0))
-    rep = summary["report"]
-    assert rep["read"] == 11 and rep["kept"] == 6 and summary["documents"] == 6
-    assert rep["dropped"] == {"invalid JSON": 1, "field 'text' missing or not text": 1, "invalid UTF-8": 1,
-                              "empty document": 1, "JSON line is not an object": 1}
-    assert rep["first_seen"]["invalid JSON"].endswith("d.jsonl:4")
-    # the prepared shards read back: every good document survives, token for token
-    from jaxllm.data.sources import read_source
-    back = read_source(SourceConfig(kind="arrayrecord", path=str(tmp_path / "out")))
-    assert back.kind == "tokens"
-    assert sorted(tok.decode(r) for r in back.records) == sorted(good)
-    with pytest.raises(DataError, match="already exists"):
-        prepare(cfg, str(tmp_path / "out"), PrepareOptions())
-
-
-def test_dedup_and_filters(tmp_path):
-    from jaxllm.data.prepare import clean_and_dedup
-    from jaxllm.data.sources import Report
-    base = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
-    recs = [{"text": base}, {"text": base + "  "}, {"text": base.replace("fifteen", "sixteen")},
-            {"text": "short"}, {"text": "same line\n" * 10}, {"text": "ctrl\x00\x07 chars kept " + base[::-1]}]
-    rep = Report()
-    kept = clean_and_dedup(recs, PrepareOptions(min_chars=10, near_dup_threshold=0.7), rep)
-    assert rep.dropped["exact duplicate"] == 1 and rep.dropped["near duplicate"] == 1
-    assert rep.dropped["repetitive (duplicated lines)"] == 1 and rep.dropped["shorter than 10 chars"] == 1
-    assert len(kept) == 2 and "\x00" not in kept[1]
 
 
 def test_weighted_mixture(tok):

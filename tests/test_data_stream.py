@@ -74,7 +74,7 @@ def test_packed_sft_loss_equals_padded(tok):
     np.testing.assert_allclose(a[0], b[0], rtol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["dpo", "reward_bt"])
+@pytest.mark.parametrize("name", ["dpo", pytest.param("reward_bt", marks=pytest.mark.slow)])
 def test_packed_preference_loss_equals_padded(tok, name):
     from jaxllm.objectives import REGISTRY, model_class
     from jaxllm.data.pipeline import preference_sequences

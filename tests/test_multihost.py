@@ -87,6 +87,7 @@ def test_two_processes_give_the_held_out_loss_of_one_process(tmp_path):
     assert evals(read_metrics(str(tmp_path / "multi0")))[0] == pytest.approx(evals(read_metrics(str(single)))[0], rel=2e-6)
 
 
+@pytest.mark.slow
 def test_multihost_preemption_stops_every_process_at_the_same_step(tmp_path):
     """SIGTERM to one worker (as a TPU maintenance event does): JAX's preemption sync point makes
     both save the same step and exit 0."""
@@ -105,6 +106,7 @@ def test_multihost_preemption_stops_every_process_at_the_same_step(tmp_path):
     assert len([d for d in os.listdir(out / "checkpoints") if d.isdigit()]) == 1
 
 
+@pytest.mark.slow
 def test_lost_process_ends_the_run_instead_of_hanging(tmp_path):
     out = tmp_path / "run"
     procs = _launch(out, 2, "train.steps=100000", "checkpoint.every=0", cli=["--heartbeat-timeout", "5"])

@@ -218,6 +218,7 @@ def test_disk_full_before_save_keeps_earlier_checkpoints(tmp_path, capsys, monke
     assert _committed(out) == before
 
 
+@pytest.mark.slow
 def test_disk_full_during_write_keeps_earlier_checkpoints(tmp_path, env):
     """A real failed write: the file-size limit (RLIMIT_FSIZE) makes the OS refuse the checkpoint's
     data files mid-save, as a full disk does."""

@@ -119,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--max-chars", type=int, default=1_000_000)
     dp.add_argument("--max-repeat-fraction", type=float, default=0.3)
     dp.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard; 0 = off")
-    dp.add_argument("overrides", nargs="*")
+    dp.add_argument("--workers", type=int, default=2,
+                    help="local Beam DirectRunner worker processes (1 = in-process)")
+    dp.add_argument("--pack-windows", type=int, default=0, metavar="N",
+                    help="write windows of N+1 tokens cut from each shard's concatenated documents "
+                         "instead of one record per document (0 = off)")
+    dp.add_argument("overrides", nargs="*",
+                    help="config overrides; after `--`, Beam pipeline options (e.g. --runner=DataflowRunner "
+                         "--project=P --region=R --temp_location=gs://...)")
 
     add_plan_parser(sub)
     return p
@@ -145,7 +152,9 @@ def add_plan_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _set_cpu_devices(list(sys.argv[1:] if argv is None else argv))
+    argv, beam_args = _split_beam_args(argv)
     args = build_parser().parse_args(argv)
+    args.beam_args = beam_args
     from jaxllm.errors import CheckpointWriteError, UserError
     _quiet_library_logs()
     try:
@@ -237,13 +246,22 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def _split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`data prepare ... -- --runner=DataflowRunner ...`: what follows `--` goes to Beam unchanged."""
+    if argv[:2] == ["data", "prepare"] and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def cmd_data(args) -> int:
     from jaxllm.config import load_config
     from jaxllm.data.prepare import PrepareOptions, prepare
     cfg = load_config(args.config, args.overrides)
     opts = PrepareOptions(shards=args.shards, min_chars=args.min_chars, max_chars=args.max_chars,
                           max_repeat_fraction=args.max_repeat_fraction,
-                          near_dup_threshold=args.near_dup_threshold)
+                          near_dup_threshold=args.near_dup_threshold, workers=args.workers,
+                          pack_windows=args.pack_windows, beam_args=list(getattr(args, "beam_args", [])))
     summary = prepare(cfg.data, args.out, opts)
     print(json.dumps(summary, indent=2))
     return 0
@@ -258,10 +276,10 @@ def cmd_pipeline(args) -> int:
 
 def cmd_label(args) -> int:
     from jaxllm.config import load_config
-    from jaxllm.data.pipeline import load_splits
+    from jaxllm.data.pipeline import first_records
     from jaxllm.app.label import label
     cfg = load_config(args.config, args.overrides)
-    records = [r for part in load_splits(cfg.data).train for r in part if isinstance(r, dict) and "prompt" in r]
+    records = [r for r in first_records(cfg.data) if isinstance(r, dict) and "prompt" in r]
     prompts = [r["prompt"] for r in records][: args.n or None]
     summary = label(args.policy, prompts, args.out, k=args.k, judge=args.judge, judge_kind=args.judge_kind,
                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -345,8 +345,13 @@ def _kind_of(sources: list) -> str:
     return kinds.pop()
 
 
-def _check_prepared(sources: list, tok: Tokenizer) -> None:
+def _check_prepared(sources: list, tok: Tokenizer, seq_len: int) -> None:
     for s in sources:
+        windows = s.meta.get("packed_windows") if isinstance(s.meta, dict) else None
+        if windows and windows != seq_len:
+            raise DataError(f"data source {s.name} holds windows pre-packed for seq_len {windows} (`data prepare "
+                            f"--pack-windows {windows}`) but train.seq_len={seq_len}; set train.seq_len={windows} "
+                            f"or prepare without --pack-windows")
         made_with = s.meta.get("tokenizer", {}) if isinstance(s.meta, dict) else {}
         sha = made_with.get("sha256") if isinstance(made_with, dict) else None
         if sha and getattr(tok, "sha256", None) and sha != tok.sha256:
@@ -372,7 +377,7 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, seq_len: int, global_batch: 
     local = global_batch // process_count
     train_sources = _sources(cfg.sources)
     kind = _kind_of(train_sources)
-    _check_prepared(train_sources, tok)
+    _check_prepared(train_sources, tok, seq_len)
     plan = _Plan(cfg, tok, seq_len, kind, local)
     split = None if cfg.eval_sources or cfg.eval_fraction == 0 else False
     streams = [example_stream(src, UnitReader(src, plan.convert, seed * 1000 + i, split, cfg.eval_fraction),

@@ -153,6 +153,27 @@ class MemorySource(Source):
         return [self.records[i]]
 
 
+def read_line_range(path: str, start: int, end: int):
+    """(where, raw line without its newline) for every non-blank line of `path` whose first byte
+    is in [start, end): byte ranges that tile a file read each line exactly once. `where` is
+    path:line in a file's first range, path:byte N after it."""
+    with storage.path(path).open("rb") as f:
+        pos = start
+        if start > 0:  # the line holding byte start-1 belongs to the previous range
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())
+        line_no = 0
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            line_no += 1
+            where = f"{path}:{line_no}" if start == 0 else f"{path}:byte {pos}"
+            pos += len(raw)
+            if raw.strip():
+                yield where, raw.rstrip(b"\r\n")
+
+
 class LinesSource(Source):
     """JSONL or line-per-document text, as byte ranges of about CHUNK_BYTES."""
 
@@ -168,23 +189,8 @@ class LinesSource(Source):
 
     def read(self, i: int, report: Report) -> list:
         fi, start, end = (int(x) for x in self.units[i])
-        path, out = self.files[fi], []
-        with storage.path(path).open("rb") as f:
-            pos = start
-            if start > 0:  # the line holding byte start-1 belongs to the previous unit
-                f.seek(start - 1)
-                pos = start - 1 + len(f.readline())
-            line_no = 0
-            while pos < end:
-                raw = f.readline()
-                if not raw:
-                    break
-                line_no += 1
-                where = f"{path}:{line_no}" if start == 0 else f"{path}:byte {pos}"
-                pos += len(raw)
-                if raw.strip() and (rec := self.parse(raw.rstrip(b"\r\n"), where, report)) is not None:
-                    out.append(rec)
-        return out
+        return [rec for where, raw in read_line_range(self.files[fi], start, end)
+                if (rec := self.parse(raw, where, report)) is not None]
 
 
 class FilesSource(Source):
@@ -201,23 +207,27 @@ class FilesSource(Source):
         return [] if rec is None else [rec]
 
 
+def parquet_row_groups(path: str, field: str) -> int:
+    """Number of row groups of a Parquet file (its footer only), after checking it has `field`."""
+    import pyarrow.parquet as pq
+    try:
+        with storage.path(path).open("rb") as f:
+            pf = pq.ParquetFile(f)
+            names, groups = pf.schema_arrow.names, pf.num_row_groups
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    if field != "*" and field not in names:
+        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(names)}); set data.sources[i].text_field")
+    return groups
+
+
 class ParquetSource(Source):
     """Parquet, one row group per unit (only the needed column is read)."""
 
     def __init__(self, files: list[str], field: str):
-        import pyarrow.parquet as pq
         self.files, self.field, units = files, field, []
         for fi, path in enumerate(files):
-            try:
-                with storage.path(path).open("rb") as f:
-                    pf = pq.ParquetFile(f)
-                    names, groups = pf.schema_arrow.names, pf.num_row_groups
-            except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
-                raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
-            if field != "*" and field not in names:
-                raise DataError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
-                                f"set data.sources[i].text_field")
-            units += [(fi, g) for g in range(groups)]
+            units += [(fi, g) for g in range(parquet_row_groups(path, field))]
         self.units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:

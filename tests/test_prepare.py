@@ -1,0 +1,134 @@
+"""`jaxllm data prepare` on Apache Beam: the drop report (same reasons and counts as the training
+readers), exact/near dedup and filters, the shards read back token for token, never-overwrite,
+pre-packed windows, the CLI with Beam passthrough options, and the multi-process DirectRunner
+giving the same documents as the in-process one. Shards are read with grain's
+ArrayRecordDataSource directly (not through jaxllm.data.sources)."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxllm.config import DataConfig, SourceConfig
+from jaxllm.data import prepare as prep
+from jaxllm.data.prepare import PrepareOptions, prepare
+from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.errors import DataError
+
+BASE = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def _jsonl(path, rows) -> DataConfig:
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else json.dumps({"text": r}).encode() + b"\n")
+    return DataConfig(sources=[SourceConfig(kind="jsonl", path=str(path))])
+
+
+def _records(out) -> list[list[np.ndarray]]:
+    """Per shard (in shard order), its int32 records."""
+    import grain
+    shards = sorted(glob.glob(os.path.join(out, "shard-*.array_record")))
+    return [[np.frombuffer(ds[i], np.int32) for i in range(len(ds))]
+            for ds in (grain.sources.ArrayRecordDataSource([p]) for p in shards)]
+
+
+def _texts(out, tok) -> list[str]:
+    return [tok.decode(r) for shard in _records(out) for r in shard]
+
+
+def test_bad_records_counted_like_the_readers_and_good_ones_survive(tmp_path, tok):
+    good = [f"document number {i} about topic {i * 7} " * 3 for i in range(6)]
+    cfg = _jsonl(tmp_path / "d.jsonl", good[:3] + [
+        b'{"text": "broken json\n', b'{"body": "no text field here at all"}\n',
+        b'{"text": "\xff\xfe invalid utf8"}\n', json.dumps({"text": "   "}).encode() + b"\n", b"[1, 2, 3]\n"]
+        + good[3:])
+    out = str(tmp_path / "out")
+    summary = prepare(cfg, out, PrepareOptions(shards=2, min_chars=5, near_dup_threshold=0, workers=1))
+    rep = summary["report"]
+    assert rep["read"] == 11 and rep["kept"] == 6 and summary["documents"] == 6
+    assert rep["dropped"] == {"invalid JSON": 1, "field 'text' missing or not text": 1, "invalid UTF-8": 1,
+                              "empty document": 1, "JSON line is not an object": 1}
+    assert rep["first_seen"]["invalid JSON"].endswith("d.jsonl:4")
+    assert rep["first_seen"]["JSON line is not an object"].endswith("d.jsonl:8")
+    # every good document survives, token for token: BOS + encode(text) + EOS
+    recs = [r for shard in _records(out) for r in shard]
+    expect = [[tok.bos_id] + tok.encode(g) + [tok.eos_id] for g in good]
+    assert sorted(r.tolist() for r in recs) == sorted(expect)
+    assert summary["tokens"] == sum(map(len, expect))
+    meta = json.load(open(os.path.join(out, "prepared.json")))
+    assert meta["documents"] == 6 and meta["shards"] == 2 and "packed_windows" not in meta
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "out"]  # no temp dir left behind
+    # never overwrite: a second run into the same directory fails and touches nothing
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    with pytest.raises(DataError, match="already exists"):
+        prepare(cfg, out, PrepareOptions(workers=1))
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+
+
+def test_dedup_and_filters(tmp_path, tok):
+    rows = [BASE, BASE + "  ", BASE.replace("fifteen", "sixteen"), "short", "same line\n" * 10,
+            "ctrl\x00\x07 chars kept " + BASE[::-1], "x" * 500,
+            # a cluster of mutual near duplicates (one word changed at the end): exactly one survives
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron",
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi",
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi rho",
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi sigma"]
+    cfg = _jsonl(tmp_path / "e.jsonl", rows)
+    out = str(tmp_path / "out")
+    s = prepare(cfg, out, PrepareOptions(min_chars=10, max_chars=400, near_dup_threshold=0.7, workers=1))
+    rep = s["report"]
+    assert rep["read"] == 11 and rep["kept"] == 3
+    assert rep["dropped"] == {"exact duplicate": 1, "near duplicate": 4, "repetitive (duplicated lines)": 1,
+                              "shorter than 10 chars": 1, "longer than 400 chars": 1}
+    # the first of each kind is kept (smallest doc id = corpus order); reasons located by line
+    assert rep["first_seen"]["exact duplicate"].endswith("e.jsonl:2")
+    assert rep["first_seen"]["near duplicate"].endswith("e.jsonl:3")
+    texts = sorted(_texts(out, tok))
+    assert texts == sorted([BASE, "ctrl chars kept " + BASE[::-1], rows[7]])  # control chars removed
+
+
+def test_pack_windows_and_cli_with_beam_options(tmp_path, tok):
+    from jaxllm.app.cli import main
+    docs = [f"packed document {i} says {' '.join(['word%d' % (i * j % 17) for j in range(i + 5)])}" for i in range(30)]
+    _jsonl(tmp_path / "p.jsonl", docs)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"data": {"sources": [{"kind": "jsonl", "path": str(tmp_path / "p.jsonl")}]}}))
+    argv = ["data", "prepare", str(cfg), "--out", str(tmp_path / "win"), "--shards", "1", "--min-chars", "5",
+            "--near-dup-threshold", "0", "--pack-windows", "15", "--workers", "2",
+            "--", "--direct_running_mode=in_memory"]  # passthrough: in-process despite --workers 2
+    assert main(argv) == 0
+    meta = json.load(open(tmp_path / "win" / "prepared.json"))
+    assert meta["packed_windows"] == 15 and meta["options"]["beam_args"] == ["--direct_running_mode=in_memory"]
+    (windows,) = _records(str(tmp_path / "win"))
+    assert all(len(w) == 16 for w in windows) and meta["records"] == len(windows)
+    # the windows are the shard's documents (in corpus order) concatenated, the tail dropped
+    stream = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in docs]).astype(np.int32)
+    assert meta["tokens"] == len(stream) and meta["packed_dropped_tokens"] == len(stream) % 16
+    np.testing.assert_array_equal(np.concatenate(windows), stream[:len(windows) * 16])
+
+
+def test_multi_process_runner_matches_in_process(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 1500)  # several units per file, so the workers share work
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(200)]
+    docs = [" ".join(rng.choice(words, 30)) for _ in range(80)]
+    rows = docs + docs[:10] + [d.rsplit(" ", 1)[0] + " changed" for d in docs[10:20]] + ["tiny"] * 3
+    cfg = _jsonl(tmp_path / "m.jsonl", [rows[i] for i in rng.permutation(len(rows))])
+    outs = {}
+    for w in (1, 2):
+        s = prepare(cfg, str(tmp_path / f"w{w}"), PrepareOptions(shards=3, min_chars=10, near_dup_threshold=0.7,
+                                                                 workers=w))
+        outs[w] = (s["report"], _texts(str(tmp_path / f"w{w}"), tok))
+    assert outs[1][0] == outs[2][0]
+    assert outs[1][0]["dropped"]["exact duplicate"] == 10 and outs[1][0]["dropped"]["shorter than 10 chars"] == 3
+    assert outs[1][0]["dropped"]["near duplicate"] == 10
+    assert outs[1][1] == outs[2][1]  # same documents, same shards, same order
+    assert len(set(outs[1][1])) == len(outs[1][1]) == outs[1][0]["kept"]
