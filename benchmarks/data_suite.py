@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     res = prepare_suite(sizes, workers, a.workdir, tuple(a.tools.split(",")))
     from benchmarks.common import write_record
     name = a.name or "prepare-" + "-".join(s.lower() for s in a.sizes.split(","))
-    path = write_record("data", name, {"sizes": sizes, "workers": workers, "tools": a.tools,
+    path = write_record("data_prepare", name, {"sizes": sizes, "workers": workers, "tools": a.tools,
                                        "num_perm": NUM_PERM, "bands": BANDS, "threshold": THRESHOLD,
                                        "min_chars": MIN_CHARS, "max_repeat_fraction": MAX_REPEAT}, res, smoke=False)
     print(path)

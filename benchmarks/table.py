@@ -119,6 +119,12 @@ def _data_scale(r):
              f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]] for row in r["results"]["train"]]
 
 
+def _data_prepare(r):
+    return [[row["tool"], f"{row['size_bytes'] / 2**20:.0f} MiB", row["workers"], f"{row['wall_s']:.1f}",
+             _fmt(row["docs_per_s"]), f"{row['mb_per_s']:.2f}", f"{row['peak_rss_sum_mb']:.0f}", _fmt(row["kept"]),
+             f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]] for row in r["results"]["runs"]]
+
+
 def _rollout(r):
     c = r["config"]
     return [[r["name"], row["batch"], f"{c['prompt_len']} + {c['new_tokens']}", _fmt(row["prefill_tokens_per_s"]),
@@ -166,6 +172,9 @@ SECTIONS = {
     "data_scale": ("data at scale (`jaxllm train` on large corpora: peak RSS of trainer + grain workers, trainer alone in brackets)",
                    ["corpus", "workers", "peak RSS MB", "first step s", "pipeline tok/s", "model tok/s", "device",
                     "date"], _data_scale),
+    "data_prepare": ("data prepare (`jaxllm data prepare` on Apache Beam vs HF datatrove, same corpus, filters, MinHash and tokenizer)",
+                     ["tool", "corpus", "workers", "wall s", "docs/s", "MB/s", "peak RSS MB (process tree)", "kept docs",
+                      "device", "date"], _data_prepare),
     "rollout": ("rollout (KV-cache sampler, greedy, no early stop)",
                 ["model", "batch", "prompt + new", "prefill tok/s", "decode tok/s", "decode ms/step",
                  "roofline fraction (decode)", "full recompute tok/s", "sampler speedup", "device", "date"], _rollout),
