@@ -18,7 +18,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -90,10 +90,8 @@ class ModelConfig:
 
 @dataclass
 class MeshConfig:
-    """Mesh axis sizes. ICI axes are within a slice/host, DCN axes across slices/hosts.
-
-    -1 means "fill with the remaining devices" (at most one ICI axis may be -1).
-    """
+    """Mesh axis sizes. ICI axes are within a slice/host, DCN axes across slices/hosts. -1 means
+    "fill with the remaining devices" (at most one ICI axis may be -1)."""
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
@@ -156,10 +154,8 @@ class DataConfig:
             raise ConfigError("data.sources is empty: name at least one source")
         for s in self.sources + self.eval_sources:
             s.validate()
-        if self.workers < 0 or self.num_threads < 1 or self.prefetch < 1:
-            raise ConfigError("data.workers must be >= 0 and data.num_threads, data.prefetch >= 1")
-        if self.max_examples_per_row < 1:
-            raise ConfigError(f"data.max_examples_per_row={self.max_examples_per_row} must be >= 1")
+        if self.workers < 0 or min(self.num_threads, self.prefetch, self.max_examples_per_row) < 1:
+            raise ConfigError("data.workers must be >= 0 and data.num_threads, prefetch, max_examples_per_row >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
 
