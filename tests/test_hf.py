@@ -212,6 +212,7 @@ def test_config_and_weight_mismatches_fail_clearly(hf_dirs, tmp_path, capsys):
     assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cli_import_is_a_normal_checkpoint_that_trains(hf_dirs, tmp_path):
     d, _, ref = hf_dirs["llama"]
     out = str(tmp_path / "imported")

@@ -192,6 +192,7 @@ def test_spike_detector():
     assert SpikeDetector(0.0).update(1, 1e9) is None  # off
 
 
+@pytest.mark.slow
 def test_loss_spike_is_logged(tmp_path):
     """An absurd learning rate blows the loss up; the spike is logged with its step."""
     cfg = tiny_config(tmp_path, "train.steps=30", "train.batch_size=8", "train.seq_len=64", "eval.every=0",

@@ -96,6 +96,7 @@ def test_storage_helpers_on_a_bucket(gcs):
     assert open(os.path.join(local, "a", "b", "y.jsonl")).read() == "two\n"
 
 
+@pytest.mark.slow
 def test_train_resume_and_init_from_on_a_bucket(gcs, tmp_path, monkeypatch):
     """In-process and short (the default test set): pretrain in the bucket with its data and
     tokenizer there, stop, resume bit-for-bit, then SFT from it by gs:// path."""

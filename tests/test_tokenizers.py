@@ -222,6 +222,7 @@ def test_convert_records_the_hf_tokenizer_and_generate_stops_at_its_eos(converte
     assert AutoTokenizer.from_pretrained(back).apply_chat_template(CHAT, tokenize=False) == tok.chat.text(CHAT)
 
 
+@pytest.mark.slow
 def test_sft_then_grpo_from_a_converted_model_use_its_template_and_ids(converted, tmp_path):
     _, _, out = converted
     common = [f"model={out}/model.yaml", f"data.tokenizer={out}", "checkpoint.every=0", "train.log_every=1"]

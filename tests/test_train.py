@@ -117,6 +117,7 @@ def _nan_loss(model, batch, ctx):
 register(Objective("test_nan", _nan_loss, ("text",)))  # an objective from outside the package
 
 
+@pytest.mark.slow
 def test_nan_skip_policy_keeps_params(tmp_path):
     from tests.conftest import tiny_config
     cfg = tiny_config(tmp_path, "objective.name=test_nan", "train.steps=3", "eval.every=0",

@@ -75,6 +75,7 @@ def _offline_runs(output_dir: str) -> list[dict]:
     return runs
 
 
+@pytest.mark.slow
 def test_offline_run_logs_every_step_and_a_restart_resumes_it(tiny, offline):
     from jaxllm.objectives import make_trainer
     first = tiny(*TINY, "train.stop_at=3")

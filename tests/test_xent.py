@@ -154,7 +154,7 @@ def _rl_batches(rng, B, T, V):
     return {"dpo": dpo, "grpo": rollout, "ppo": rollout}
 
 
-@pytest.mark.parametrize("loss_name", ["dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("loss_name", ["dpo", "grpo", pytest.param("ppo", marks=pytest.mark.slow)])
 def test_post_training_losses_on_a_sharded_mesh_match_the_plain_path(tmp_path, monkeypatch, loss_name):
     """dpo / grpo / ppo through the chunked log-prob head (vocab over `tensor`, batch over
     data x fsdp) give the plain logits path's loss, metrics and gradients."""
