@@ -279,7 +279,7 @@ def cmd_label(args) -> int:
     from jaxllm.data.pipeline import first_records
     from jaxllm.app.label import label
     cfg = load_config(args.config, args.overrides)
-    records = [r for r in first_records(cfg.data) if isinstance(r, dict) and "prompt" in r]
+    records = [r for r in first_records(cfg.data, 4 * args.n) if isinstance(r, dict) and "prompt" in r]
     prompts = [r["prompt"] for r in records][: args.n or None]
     summary = label(args.policy, prompts, args.out, k=args.k, judge=args.judge, judge_kind=args.judge_kind,
                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
