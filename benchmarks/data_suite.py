@@ -204,8 +204,9 @@ def _rates(m: dict, corpus: str) -> dict:
     return m
 
 
-def prepare_bench(corpus: str, workers: int, workdir: str, tokenizer: str) -> dict:
-    """`jaxllm data prepare` on the corpus (fresh subprocess)."""
+def prepare_bench(corpus: str, workers: int, workdir: str, tokenizer: str, keep: bool = False) -> dict:
+    """`jaxllm data prepare` on the corpus (fresh subprocess); `keep`: leave the shards for a
+    training measurement (`out` in the result)."""
     out = os.path.join(workdir, f"jaxllm-out-{os.path.basename(corpus)}-w{workers}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = os.path.join(workdir, "prepare.yaml")
@@ -217,7 +218,10 @@ def prepare_bench(corpus: str, workers: int, workdir: str, tokenizer: str) -> di
     summary = json.load(open(os.path.join(out, "prepared.json")))
     m.update(kept=summary["documents"], tokens=summary["tokens"], read=summary["report"]["read"],
              dropped=summary["report"]["dropped"])
-    shutil.rmtree(out, ignore_errors=True)
+    if keep:
+        m["out"] = out
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     return _rates(m, corpus)
 
 
@@ -331,7 +335,7 @@ def versions() -> dict:
 
 
 def prepare_suite(sizes: list[int], workers: list[int], workdir: str = DEFAULT_DIR,
-                  tools: tuple = ("jaxllm", "datatrove"), runs: list | None = None) -> dict:
+                  tools: tuple = ("jaxllm", "datatrove"), runs: list | None = None, keep: bool = False) -> dict:
     """Every (size, workers, tool) measured; `runs` = explicit [(size, workers, tool)] instead."""
     os.makedirs(workdir, exist_ok=True)
     results = []
@@ -341,8 +345,8 @@ def prepare_suite(sizes: list[int], workers: list[int], workdir: str = DEFAULT_D
         corpus = generate_corpus(workdir, size)
         gen = time.time() - t0
         tokenizer = make_tokenizer(workdir, generate_corpus(workdir, 20 << 20))  # one tokenizer for every run
-        fn = prepare_bench if tool == "jaxllm" else datatrove_bench
-        m = fn(corpus, w, workdir, tokenizer)
+        m = (prepare_bench(corpus, w, workdir, tokenizer, keep) if tool == "jaxllm"
+             else datatrove_bench(corpus, w, workdir, tokenizer))
         rec = {"tool": tool, "size_bytes": corpus_meta(corpus)["bytes"], "workers": w, **m,
                "corpus": corpus_meta(corpus), "corpus_generate_s": round(gen, 1)}
         print(json.dumps(rec), flush=True)
@@ -366,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="jaxllm,datatrove")
     ap.add_argument("--workdir", default=DEFAULT_DIR)
     ap.add_argument("--name", default="")
+    ap.add_argument("--keep-output", action="store_true", help="keep jaxllm's shards (for benchmarks/data_train.py)")
     a = ap.parse_args(argv)
     sizes = [_size(s) for s in a.sizes.split(",")]
     workers = [int(w) for w in a.workers.split(",")]
-    res = prepare_suite(sizes, workers, a.workdir, tuple(a.tools.split(",")))
+    res = prepare_suite(sizes, workers, a.workdir, tuple(a.tools.split(",")), keep=a.keep_output)
     from benchmarks.common import write_record
     name = a.name or "prepare-" + "-".join(s.lower() for s in a.sizes.split(","))
     path = write_record("data_prepare", name, {"sizes": sizes, "workers": workers, "tools": a.tools,

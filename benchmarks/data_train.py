@@ -130,12 +130,12 @@ if __name__ == "__main__":
 """
 
 
-def pipeline_bench(source: str, workers: int, batches: int = 300) -> dict:
+def pipeline_bench(source: str, workers: int, batches: int = 300, extra: tuple = ()) -> dict:
     """The input pipeline alone (no model): build + first batch, then batches/s as tokens/s."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(_PIPE)
     cmd = [sys.executable, f.name, "configs/runs/pretrain_tiny.yaml", str(batches), f"data.sources=[{source}]",
-           f"data.workers={workers}"]
+           f"data.workers={workers}", *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     os.unlink(f.name)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
@@ -144,15 +144,41 @@ def pipeline_bench(source: str, workers: int, batches: int = 300) -> dict:
     return json.loads(line[0][len("RESULT "):])
 
 
-def train_suite(corpora: dict, workers: list[int], steps: int = 30) -> list:
-    """corpora: name -> data.sources[0] YAML mapping. -> one row per (corpus, workers)."""
+def train_suite(corpora: dict, workers: list[int], steps: int = 30, extra: tuple = ()) -> list:
+    """corpora: name -> data.sources[0] YAML mapping; extra: config overrides for every run (e.g. the
+    tokenizer the shards were prepared with). -> one row per (corpus, workers)."""
     rows = []
     for name, source in corpora.items():
         for w in workers:
-            row = {"corpus": name, "workers": w, **train_bench(source, w, steps), **pipeline_bench(source, w)}
+            row = {"corpus": name, "workers": w, **train_bench(source, w, steps, extra),
+                   **pipeline_bench(source, w, extra=extra)}
             row["headroom"] = row["pipeline_tokens_per_s"] / max(row["model_tokens_per_s"], 1e-9)
             print(f"data train {name} workers={w}: peak RSS tree {row['peak_rss_tree_mb']:.0f} MB "
                   f"(main {row['peak_rss_main_mb']:.0f}), first step {row['first_step_s']:.1f} s, pipeline "
                   f"{row['pipeline_tokens_per_s']:,.0f} tok/s vs model {row['model_tokens_per_s']:,.0f} tok/s", flush=True)
             rows.append(row)
     return rows
+
+
+def main(argv=None) -> int:
+    """Rows for shards prepared elsewhere (e.g. `benchmarks/data_suite.py --keep-output`), recorded
+    as a data_scale record: --source NAME=YAML_MAPPING (repeatable), overrides after `--`."""
+    import argparse
+    from benchmarks.common import write_record
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("--source", action="append", required=True)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--name", required=True)
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    corpora = dict(s.split("=", 1) for s in a.source)
+    rows = train_suite(corpora, [int(w) for w in a.workers.split(",")], a.steps, tuple(extra))
+    print(write_record("data_scale", a.name, {"sources": corpora, "overrides": extra, "model": "tiny (pretrain_tiny.yaml)",
+                                              "batch": 16, "seq": 128}, {"train": rows}, False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

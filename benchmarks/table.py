@@ -28,6 +28,14 @@ versions and the date; times are medians over repeated steps after warm-up (comp
   On CPU the "roof" is a DRAM copy, while small models' weights partly stay in the L2/L3 caches, so
   the fraction can exceed 100% there; it is a meaningful roofline only on GPU/TPU (spec-sheet HBM).
   "Full recompute" is the no-cache reference sampler (`jaxllm.app.inference._sample`) on the same job.
+- **rollout layout**: `python -m benchmarks.run rollout --devices 8` (`benchmarks/rl_suite.py`):
+  the tiny model trained fsdp over 8 CPU devices; sampling tok/s (64 + 64 tokens, greedy, no early
+  stop) with the weights in that layout (all-gathered inside every decode step) vs resharded once to
+  `rl.sampler_mesh={data: -1, fsdp: 1}` (the reshard timed with each rollout). GRPO rows: the tiny
+  GRPO config from random weights, 4 rollouts (the first, compiling, dropped); sampling = generation
+  + rewards, scoring = teacher-forced old/reference log-probs + advantages, training = the rest of
+  the wall time of the rollout's optimizer steps. 8 simulated devices on a 2-core CPU share the
+  cores: the ratio shows the gathers removed, not what a TPU/GPU slice gains.
 - **posttrain**: one DPO / GRPO / PPO train step of the 20.6M peer model (DPO: 4 pairs, reference
   log-probs precomputed into the batch; GRPO/PPO: 8 rollout rows, PPO with its critic) with the
   chunked log-prob head (`objective.xent_chunk_tokens=512`, `jaxllm.core.xent.token_logps`) and with the
@@ -134,6 +142,19 @@ def _rollout(r):
              f"{r['device_kind']} ({r['cpu_count']} cores)", r["date"]] for row in r["results"]["rows"]]
 
 
+def _rollout_layout(r):
+    split = r["results"].get("grpo_split", {})
+    rows = [[f"sampling, batch {row['batch']}", _fmt(row["fsdp_tokens_per_s"]), _fmt(row["sampler_tokens_per_s"]),
+             f"{row['speedup']:.2f}x", f"{r['device_count']} {r['device_kind']} devices ({r['cpu_count']} cores)",
+             r["date"]] for row in r["results"]["rows"]]
+    for layout, x in split.items():
+        rows.append([f"GRPO step, sampling on the {layout} layout: sampling / scoring / training s per rollout",
+                     f"{x['sampling_s']:.2f} / {x['scoring_s']:.2f} / {x['training_s']:.2f}",
+                     f"{x['sampling_share']:.0%} / {x['scoring_share']:.0%} / {x['training_share']:.0%}", "",
+                     f"{r['device_count']} {r['device_kind']} devices ({r['cpu_count']} cores)", r["date"]])
+    return rows
+
+
 def _checkpoint(r):
     res = r["results"]
     return [[f"{r['name']} params + AdamW state", f"{res['checkpoint_bytes'] / 1e6:.0f} MB", f"{res['save_s']:.3f}",
@@ -178,6 +199,9 @@ SECTIONS = {
     "rollout": ("rollout (KV-cache sampler, greedy, no early stop)",
                 ["model", "batch", "prompt + new", "prefill tok/s", "decode tok/s", "decode ms/step",
                  "roofline fraction (decode)", "full recompute tok/s", "sampler speedup", "device", "date"], _rollout),
+    "rollout_layout": ("rollout layout (`rl.sampler_mesh`: policy trained fsdp over every device, sampled fsdp vs replicated + batch over data; the reshard is timed with each rollout)",
+                       ["what", "fsdp layout (tok/s)", "sampler layout (tok/s)", "speedup", "device", "date"],
+                       _rollout_layout),
     "plan": ("plan (TPU ahead-of-time compiles of the real step: per-chip HBM, seq 8192, no grad accumulation)",
              ["system", "model", "topology", "remat", "attention", "seqs/chip", "total GiB/chip", "temp GiB",
               "pinned host GiB", "fits", "XLA/model FLOPs", "roofline s/step", "versions", "date"], _plan),

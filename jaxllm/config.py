@@ -5,8 +5,8 @@ section paths (`model: ../models/tiny.yaml`) merged in -> command-line overrides
 conversion (unknown keys and wrong types fail with a suggestion) -> per-section `validate()`.
 Checks that need the devices (mesh product, batch divisibility) live in `core.sharding.make_mesh`.
 Nothing here is global: the loaded `RunConfig` is passed explicitly to whoever needs a part of it.
-This module and errors.py are the bottom of the import graph: config imports no other jaxllm
-module. Checks against registries (objective names and options, reward functions, RL algorithm
+This module, config_rl.py (the RL sections) and errors.py are the bottom of the import graph:
+config imports no other jaxllm module. Checks against registries (objective names and options, reward functions, RL algorithm
 names) run in `jaxllm.objectives.validate(cfg)`, still before anything is written.
 """
 
@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxllm.config_rl import RewardConfig, RLConfig  # noqa: F401 (RL sections, re-exported)
 from jaxllm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -285,68 +286,6 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("objective.beta must be > 0 and objective.label_smoothing in [0, 0.5)")
-
-
-@dataclass
-class RewardConfig:
-    """One reward term. kind=function: `fn` is "module:function" taking (prompt, completion,
-    reference) -> float; kind=model: `path` is a reward-model checkpoint (RM stage output)."""
-    kind: Literal["function", "model"] = "function"
-    fn: str = ""
-    path: str = ""
-    weight: float = 1.0
-
-    def validate(self) -> None:
-        if self.kind == "function":
-            if ":" not in self.fn:
-                raise ConfigError(f"rl.rewards: fn={self.fn!r} must be 'module.path:function', "
-                                  f"e.g. 'jaxllm.rl.rewards:exact_match'")
-        if self.kind == "model" and not self.path:
-            raise ConfigError("rl.rewards: kind=model needs path=REWARD_MODEL_RUN_DIR")
-
-
-@dataclass
-class RLConfig:
-    """PPO / GRPO. A rollout is train.batch_size * minibatches sequences (prompts * group_size);
-    each rollout is used for epochs * minibatches optimizer steps (train.steps counts those)."""
-    group_size: int = 1  # G samples per prompt (GRPO: > 1)
-    minibatches: int = 1
-    epochs: int = 1
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    rewards: list[RewardConfig] = field(default_factory=list)
-    length_penalty: float = 0.0  # subtracted per generated token
-    no_eos_penalty: float = 0.0  # subtracted when a completion never reached EOS
-    kl_coef: float = 0.05  # PPO: per-token KL penalty in the reward; GRPO: beta of the KL loss term
-    kl_estimator: str = "k1"  # a key of jaxllm.rl.algorithms.KL_ESTIMATORS
-    loss_type: str = "grpo"  # policy loss, a key of jaxllm.rl.algorithms.POLICY_LOSSES
-    advantage: str = ""  # a key of jaxllm.rl.algorithms.ADVANTAGES; "" = the objective's (grpo: group, ppo: gae)
-    kl_clamp: float = 10.0  # |per-token KL| is clamped to this (0 = off)
-    target_kl: float = 0.0  # PPO: > 0 turns on the adaptive KL controller (Ziegler et al.)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    critic_init: str = ""  # PPO critic's checkpoint (e.g. the RM run); "" = checkpoint.init_from
-    advantage_norm: Literal["std", "mean"] = "std"  # GRPO: "mean" = Dr. GRPO (no std division)
-    loss_agg: Literal["token", "sequence"] = "token"
-    eval_prompts: int = 64  # held-out prompts scored at each eval
-    eval_temperature: float = 0.0
-
-    def validate(self) -> None:
-        _positive(self, "group_size", "minibatches", "epochs", "max_new_tokens")
-        for r in self.rewards:
-            r.validate()
-        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.temperature < 0:
-            raise ConfigError("rl: need 0 < top_p <= 1, top_k >= 0, temperature >= 0")
-        if self.kl_coef < 0 or self.target_kl < 0:
-            raise ConfigError("rl.kl_coef and rl.target_kl must be >= 0")
 
 
 WANDB_MODES = ("online", "offline", "disabled")

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 PKG = os.path.join(ROOT, "jaxllm")
 # bottom up; a module may import its own layer and the ones below, never above
-LAYERS = [("jaxllm", "jaxllm.errors", "jaxllm.config"), ("jaxllm.core", "jaxllm.data"), ("jaxllm.train",),
+LAYERS = [("jaxllm", "jaxllm.errors", "jaxllm.config", "jaxllm.config_rl"), ("jaxllm.core", "jaxllm.data"), ("jaxllm.train",),
           ("jaxllm.rl",), ("jaxllm.objectives",), ("jaxllm.app",)]
 
 
@@ -78,7 +78,8 @@ def test_imports_go_down_the_layers():
               for m, deps in _graph().items() for d in deps if _layer(d) > _layer(m)]
     assert not upward, upward
     config_deps = _graph()["jaxllm.config"]
-    assert config_deps <= {"jaxllm.errors"}, f"config imports {config_deps}"
+    assert config_deps <= {"jaxllm.errors", "jaxllm.config_rl"}, f"config imports {config_deps}"
+    assert _graph()["jaxllm.config_rl"] <= {"jaxllm.errors"}
 
 
 def test_every_module_imports_in_a_fresh_interpreter():

@@ -25,7 +25,8 @@ def _stage_cfg(name, tmp, pretrained, sft, rm):
     return stage_config(tmp, f"{name}_tiny", *SHORT, init, *extra)
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft", "rm", pytest.param("dpo", marks=pytest.mark.slow), "grpo",
+@pytest.mark.parametrize("name", ["pretrain", pytest.param("sft", marks=pytest.mark.slow),
+                                  pytest.param("rm", marks=pytest.mark.slow), pytest.param("dpo", marks=pytest.mark.slow), "grpo",
                                   pytest.param("ppo", marks=pytest.mark.slow)])  # slow: `pytest -m slow`
 def test_two_runs_are_bit_identical(name, pretrained, sft, reward_model, tmp_path):
     runs = []

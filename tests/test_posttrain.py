@@ -99,6 +99,7 @@ def test_lora_learns_freezes_base_and_merges_exactly(pretrained, tmp_path):
     assert meta["stage"] == "sft_merged"
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow`
 def test_partial_finetune_leaves_frozen_weights_identical(pretrained, tmp_path):
     cfg = _cfg(tmp_path, "sft_tiny", f"checkpoint.init_from={pretrained}", "finetune.mode=partial",
                "finetune.freeze_embeddings=true", "finetune.freeze_layers=2", "finetune.freeze=[final_norm]",

@@ -202,6 +202,7 @@ def test_loss_spike_is_logged(tmp_path):
     assert spikes and all(r["step"] > 5 for r in spikes)
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow`
 def test_disk_full_before_save_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["train", os.path.join(ROOT, "configs/runs/pretrain_tiny.yaml"), f"output_dir={out}", "train.batch_size=8",

@@ -35,6 +35,10 @@ VARIANTS = {  # rl.loss_type / rl.advantage entries and the settings their paper
     "gspo": ["rl.loss_type=gspo", "rl.clip_low=3e-4", "rl.clip_high=4e-4"],
     "cispo": ["rl.loss_type=cispo", "rl.clip_high=0.28"],
     "rloo": ["rl.advantage=rloo"],
+    "dapo": ["rl.loss_type=dapo", "rl.clip_high=0.28"],  # + dynamic sampling and overlong shaping
+    "tis": ["rl.tis_cap=2.0"],  # truncated importance weights against the sampler's log-probs
+    "packed": ["data.packing=first_fit"],  # rollout mini-batches packed into first-fit rows
+    "off_policy": ["rl.off_policy_steps=1", "rl.tis_cap=2.0"],  # rollout k+1 sampled while k trains
 }
 
 
@@ -47,6 +51,7 @@ def test_grpo_raises_held_out_verifiable_reward(sft, tmp_path, variant):
                        'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]', *VARIANTS.get(variant, []))
     make_trainer(cfg).run()
     first, last = _evals(cfg.output_dir)[0], _evals(cfg.output_dir)[-1]
+    print(variant, first["eval_reward"], "->", last["eval_reward"], "kl", last["eval_kl"])
     assert first["eval_kl"] == 0.0
     assert last["eval_reward"] > first["eval_reward"] + 0.5, (first, last)  # measured 0.22 -> 1.71
     assert 0.0 < last["eval_kl"] < 20.0  # nats per sequence: moved, but bounded by the KL term
@@ -140,6 +145,10 @@ def test_label_with_a_judge_lm(sft, tmp_path, capsys):
     (["rl.advantage=gae"], "needs a critic's values"),
     (["objective.name=ppo", "rl.advantage=rloo"], "trains its critic on GAE returns"),
     (["rl.max_new_tokens=40"], "exceeds train.seq_len"),
+    (["rl.sampler_mesh={data: -1, fsd: 1}"], "keys are mesh axis sizes"),
+    (["rl.sampler_mesh={data: -1, fsdp: -1}"], "rl.sampler_mesh: at most one"),
+    (["rl.off_policy_steps=1"], "set rl.tis_cap"),
+    (["rl.tis_cap=0.5"], "rl.tis_cap=0.5"),
 ])
 def test_rl_config_errors(tmp_path, capsys, overrides, message):
     cfg = os.path.join(os.path.dirname(__file__), "..", "configs/runs/grpo_tiny.yaml")
@@ -147,6 +156,37 @@ def test_rl_config_errors(tmp_path, capsys, overrides, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not os.path.exists(f"{tmp_path}/x/checkpoints")
+
+
+def test_grpo_packed_rows_sampled_on_its_own_layout(sft, tmp_path):
+    """data.packing=first_fit packs each rollout mini-batch into rows of train.seq_len (fewer
+    padded tokens than the padded layout of the same rollout); rl.sampler_mesh samples with the
+    weights replicated over 8 devices while training stays fsdp-8."""
+    cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, "train.log_every=1", f"checkpoint.init_from={sft}",
+                       "train.steps=4", "eval.every=4", "rl.eval_prompts=16", "checkpoint.every=0",
+                       "rl.max_new_tokens=6", "data.packing=first_fit", "rl.sampler_mesh={data: -1, fsdp: 1}")
+    t = make_trainer(cfg)
+    assert t.mesh.shape["fsdp"] == 8
+    t.run()
+    assert _evals(cfg.output_dir)[-1]["eval_response_length"] > 0
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(cfg.output_dir) if "loss" in m)
+    pads = [(m["padding_fraction"], m["padding_fraction_unpacked"]) for m in _rollouts(cfg.output_dir)]
+    assert len(pads) == 2 and all(packed < unpacked - 0.05 for packed, unpacked in pads), pads
+
+
+def test_off_policy_rollouts_sample_with_the_previous_weights(sft, tmp_path):
+    """rl.off_policy_steps=1: the first rollout is on-policy (sampler and trainer log-probs agree
+    to numerics), each later one was sampled with the weights of before the previous rollout's
+    updates, so the two differ and TIS weighs the tokens."""
+    cfg = stage_config(tmp_path, "grpo_tiny", *QUIET, "train.log_every=1", f"checkpoint.init_from={sft}",
+                       "train.steps=6", "eval.every=0", "checkpoint.every=0", "rl.max_new_tokens=6",
+                       "rl.tis_cap=2.0", "rl.off_policy_steps=1")
+    make_trainer(cfg).run()
+    roll = _rollouts(cfg.output_dir)
+    assert len(roll) == 3 and all(0 < r["tis_weight"] <= 2.0 for r in roll)
+    assert [r["policy_lag"] for r in roll] == [0, 1, 1]
+    gaps = [r["sampler_logp_gap"] for r in roll]
+    assert gaps[0] < 1e-3 and min(gaps[1:]) > max(1e-3, 5 * gaps[0]), gaps
 
 
 def test_grpo_resume_is_exact(sft, tmp_path):

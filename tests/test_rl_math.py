@@ -138,3 +138,79 @@ def test_dr_grpo_needs_unnormalised_advantages(tiny):
     validate(tiny(*base, "rl.loss_type=dr_grpo", "rl.advantage_norm=mean", base="configs/runs/grpo_tiny.yaml"))
     with pytest.raises(ConfigError, match="did you mean 'gspo'"):
         validate(tiny(*base, "rl.loss_type=gsop", base="configs/runs/grpo_tiny.yaml"))
+
+
+def test_dapo_loss_overlong_penalty_and_options_hand_computed():
+    from jaxllm.config import RLConfig
+    from jaxllm.rl.algorithms import POLICY_LOSSES, overlong_penalty, rollout_options
+    dapo = POLICY_LOSSES.pick("dapo")
+    rl = RLConfig(clip_low=0.2, clip_high=0.28, max_new_tokens=12)
+    # ratios e^0.4 = 1.49 (A=+1: capped at 1.28, clip-higher) and e^-0.7 = 0.50 (A=-1: floored at 0.8)
+    lp, old = np.array([[-1.0, -1.7]]), np.array([[-1.4, -1.0]])
+    loss, clipped = dapo(lp, old, np.array([[1.0, -1.0]]), np.ones((1, 2)), rl)
+    np.testing.assert_allclose(np.asarray(loss), [[-1.28, 0.8]], rtol=1e-6)
+    assert np.asarray(clipped).all() and dapo.aggregation == "token"
+    assert rollout_options(rl) == (False, 0)  # grpo: neither
+    assert rollout_options(RLConfig(loss_type="dapo", max_new_tokens=12)) == (True, 3)
+    assert rollout_options(RLConfig(loss_type="dapo", dynamic_sampling="off", overlong_buffer=0)) == (False, 0)
+    assert rollout_options(RLConfig(dynamic_sampling="on", overlong_buffer=2)) == (True, 2)
+    # max 10 tokens, buffer 4: no penalty up to 6, linear to -1 at 10; cut off (unfinished) = -1
+    pen = overlong_penalty([5, 6, 7, 8, 10, 10], [1, 1, 1, 1, 1, 0], max_new=10, buffer=4, penalty=1.0)
+    np.testing.assert_allclose(pen, [0, 0, -0.25, -0.5, -1, -1])
+
+
+def test_tis_weights_hand_computed():
+    from jaxllm.rl.algorithms import tis_weights
+    trainer, sampler = np.array([[-1.0, -2.0, 0.0, -3.0]]), np.array([[-1.5, -1.0, -2.0, -3.0]])
+    w = tis_weights(trainer, sampler, np.array([[1, 1, 1, 0]]), cap=2.0)
+    np.testing.assert_allclose(w, [[np.exp(0.5), np.exp(-1.0), 2.0, 0.0]], rtol=1e-6)  # e^2 capped at 2
+
+
+def _lengthy(prompt, completion, reference):
+    return float(len(completion))
+
+
+def test_reward_terms_normalised_before_their_weights():
+    from jaxllm.config import RewardConfig, RLConfig
+    from jaxllm.rl.rewards import Rewards
+    terms = [RewardConfig(fn="jaxllm.rl.rewards:exact_match", weight=1.0),
+             RewardConfig(fn="tests.test_rl_math:_lengthy", weight=0.5)]
+    comps, refs = ["4", "5", "40000", "4"], ["4"] * 4
+    args = (["p"] * 4, comps, refs, {}, np.array([1, 1, 5, 1]), np.ones(4, bool))
+    em, n = np.array([1.0, 0, 0, 1]), np.array([1.0, 1, 5, 1])
+    raw, t = Rewards(RLConfig(rewards=terms), None, None, None)(*args)
+    np.testing.assert_allclose(raw, em + 0.5 * n, rtol=1e-6)
+    np.testing.assert_array_equal(t["reward_exact_match"], em)  # the report keeps raw terms
+    white = lambda v: (v - v.mean()) / (v.std() + 1e-6)
+    norm, t = Rewards(RLConfig(rewards=terms, reward_norm="whiten"), None, None, None)(*args)
+    np.testing.assert_allclose(norm, white(em) + 0.5 * white(n), rtol=1e-5)
+    np.testing.assert_array_equal(t["reward_exact_match"], em)
+    clip, _ = Rewards(RLConfig(rewards=terms, reward_norm="clip", reward_clip=2.0), None, None, None)(*args)
+    np.testing.assert_allclose(clip, em + 0.5 * np.minimum(n, 2.0), rtol=1e-6)
+    held_out, _ = Rewards(RLConfig(rewards=terms, reward_norm="whiten"), None, None, None)(*args, train=False)
+    np.testing.assert_allclose(held_out, raw, rtol=1e-6)  # held-out scores keep their units
+
+
+def test_dynamic_sampling_refills_all_equal_groups():
+    """Groups of 2, 4 groups a rollout: round 1 has 2 live groups, round 2 fills the rest; with
+    one round allowed the all-equal groups fill the rollout."""
+    from types import SimpleNamespace
+    import jax
+    from jaxllm.config import RLConfig
+    from jaxllm.rl.rollout import ExperienceIterator
+    rounds = [np.array([1, 1, 0, 1, 0, 0, 1, 0.]), np.array([0, 1, 1, 0, 1, 1, 0, 1.])]
+
+    def run(rl):
+        it = ExperienceIterator.__new__(ExperienceIterator)
+        it.ctx = SimpleNamespace(cfg=SimpleNamespace(rl=rl))
+        feed = iter(enumerate(rounds))  # sequence ids: 0-7 in round 1, 10-17 in round 2
+        it._sample = lambda g, s, key: (lambda r, sc: {"scores": sc, "id": np.arange(8) + 10 * r})(*next(feed))
+        return it._sample_groups(None, None, jax.random.key(0))
+
+    roll, n = run(RLConfig(group_size=2, loss_type="dapo"))
+    assert n == 2
+    assert list(roll["id"]) == [2, 3, 6, 7, 10, 11, 12, 13]  # live groups of round 1, then round 2's
+    roll, n = run(RLConfig(group_size=2, loss_type="dapo", max_sampling_rounds=1))
+    assert n == 1 and list(roll["id"]) == [2, 3, 6, 7, 0, 1, 4, 5]  # live first, then all-equal
+    roll, n = run(RLConfig(group_size=2))  # grpo: one round as sampled
+    assert n == 1 and list(roll["id"]) == list(range(8))

@@ -102,3 +102,38 @@ def test_top_k_and_top_p_on_a_known_distribution():
     np.testing.assert_allclose(freqs(3, 0.5), [4 / 7, 3 / 7, 0, 0], atol=0.015)
     kept = np.isfinite(np.asarray(filter_logits(jnp.log(jnp.asarray(probs)), 0, 0.3)))
     np.testing.assert_array_equal(kept, [True, False, False, False])
+
+
+def _decode_hlo(graphdef, state, prompts, mesh, rules):
+    """Compiled HLO text of the sampler (prefill + decode loop) for these weights' layout."""
+    from jaxllm.core.arrays import host_to_global
+    from jaxllm.core.sampler import _generate, _stop_array
+    p = host_to_global(prompts, mesh, rules, process_local=False)
+    return _generate.lower(graphdef, state, p, None, jax.random.key(0), jnp.float32(0), jnp.float32(1),
+                           _stop_array(()), jnp.int32(0), max_new=4, top_k=0, mesh=mesh,
+                           rules=tuple(sorted(rules.items())), decode_impl="xla").compile().as_text()
+
+
+def test_sampler_layout_resharded_once_gathers_no_weights_while_decoding():
+    """rl.sampler_mesh: the policy trained fsdp-8 is resharded once to a replicated sampler layout
+    (batch over data); the compiled decode then has no all-gather (the fsdp layout has them) and
+    its greedy tokens equal the training layout's."""
+    from types import SimpleNamespace
+    from jaxllm.core.arrays import host_to_global
+    from jaxllm.rl.rollout import sampling_policy
+    g, st = nnx.split(_model(True))
+    rules = make_rules()
+    train = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    params = jax.device_put(st, state_shardings(st, train, rules))
+    ctx = SimpleNamespace(actor_critic=False, mesh=train, rules=rules,
+                          sampler_mesh=make_mesh(MeshConfig(data=8, fsdp=1, tensor=1)))
+    sg, sst, smesh = sampling_policy(ctx, g, params)
+    assert smesh is ctx.sampler_mesh
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(sst))
+    prompts = pad_prompts(PROMPTS * 2)
+    assert "all-gather" in _decode_hlo(g, params, prompts, train, rules)
+    assert "all-gather" not in _decode_hlo(sg, sst, prompts, smesh, rules)
+    a = generate_ids(g, params, host_to_global(prompts, train, rules, process_local=False), 8, mesh=train, rules=rules)
+    b = generate_ids(sg, sst, host_to_global(prompts, smesh, rules, process_local=False), 8, mesh=smesh, rules=rules)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logps), np.asarray(b.logps), atol=1e-4)

@@ -9,11 +9,12 @@ import functools
 
 import jax.numpy as jnp
 
-from jaxllm.config import RunConfig
+from jaxllm.config import MeshConfig, RunConfig
 from jaxllm.core.xent import lm_token_logps
 from jaxllm.data.pipeline import build_pipeline
 from jaxllm.errors import ConfigError
-from jaxllm.rl.algorithms import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, aggregate, kl_penalty, value_terms
+from jaxllm.rl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, aggregate, kl_penalty, sequences_of,
+                                  value_terms)
 from jaxllm.rl.rewards import load_function
 from jaxllm.rl.rollout import experience_source
 from jaxllm.train.objective import LossContext, LossOut, Objective
@@ -26,10 +27,12 @@ def _rl_metrics(batch, logps, entropy, was_clipped, m):
             "ratio": ((jnp.exp(logps - batch["old_logps"]) * m).sum(), n)}
 
 
-def _policy_terms(rl, logps, batch, m):
+def _policy_terms(rl, logps, batch, m, seqs):
     """(per-token policy loss, was clipped, how to aggregate) of the rl.loss_type entry."""
     loss = POLICY_LOSSES[rl.loss_type]
-    pg, was_clipped = loss(logps, batch["old_logps"], batch["advantages"], m, rl)
+    pg, was_clipped = loss(logps, batch["old_logps"], batch["advantages"], m, rl, seqs)
+    if "tis_weight" in batch:  # rl.tis_cap: truncated importance weight of trainer vs sampler
+        pg = pg * batch["tis_weight"]
     return pg, was_clipped, getattr(loss, "aggregation", rl.loss_agg)
 
 
@@ -38,10 +41,11 @@ def grpo_loss(model, batch, ctx: LossContext) -> LossOut:
     rl = ctx.extras["rl"]
     logps, entropy = lm_token_logps(model, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
     m = batch["loss_mask"].astype(jnp.float32)
-    pg, was_clipped, how = _policy_terms(rl, logps, batch, m)
+    seqs = sequences_of(batch, ctx.extras.get("sequences", 0))  # rows, or packed sequences
+    pg, was_clipped, how = _policy_terms(rl, logps, batch, m, seqs)
     kl = kl_penalty(logps, batch["ref_logps"], rl.kl_estimator)
     per_tok = pg + rl.kl_coef * kl if rl.kl_coef else pg
-    total, denom = aggregate(per_tok, m, how, rl.max_new_tokens)
+    total, denom = aggregate(per_tok, m, how, rl.max_new_tokens, seqs)
     return LossOut(total, denom, _rl_metrics(batch, logps, entropy, was_clipped, m))
 
 
@@ -51,9 +55,10 @@ def ppo_loss(model, batch, ctx: LossContext) -> LossOut:
     logps, entropy = lm_token_logps(model.actor, batch, rl.temperature, ctx.cfg.xent_chunk_tokens)
     values = model.critic.scores(batch["inputs"], batch["positions"], batch["segment_ids"])
     m = batch["loss_mask"].astype(jnp.float32)
-    pg, was_clipped, how = _policy_terms(rl, logps, batch, m)
+    seqs = sequences_of(batch, ctx.extras.get("sequences", 0))
+    pg, was_clipped, how = _policy_terms(rl, logps, batch, m, seqs)
     vl = value_terms(values, batch["old_values"], batch["returns"], rl.value_clip)
-    total, denom = aggregate(pg + rl.vf_coef * vl, m, how, rl.max_new_tokens)
+    total, denom = aggregate(pg + rl.vf_coef * vl, m, how, rl.max_new_tokens, seqs)
     metrics = _rl_metrics(batch, logps, entropy, was_clipped, m)
     metrics["value_loss"] = ((vl * m).sum(), m.sum())
     return LossOut(total, denom, metrics)
@@ -96,6 +101,17 @@ def check_rl(cfg: RunConfig, name: str, min_group: int, has_critic: bool) -> Non
         if v % per_rollout:
             raise ConfigError(f"{key}={v} must be a multiple of rl.epochs*rl.minibatches = {per_rollout} "
                               f"(checkpoints and stops fall on rollout boundaries)")
+    if rl.sampler_mesh:
+        try:
+            MeshConfig(**rl.sampler_mesh).validate()
+        except TypeError:
+            raise ConfigError(f"rl.sampler_mesh={rl.sampler_mesh}: keys are mesh axis sizes "
+                              f"(data, fsdp, tensor, dcn_data, dcn_fsdp, dcn_tensor)") from None
+        except ConfigError as e:
+            raise ConfigError(f"rl.sampler_{e}") from None
+    if rl.off_policy_steps and not rl.tis_cap:
+        raise ConfigError("rl.off_policy_steps=1 trains on samples of the previous weights: set rl.tis_cap "
+                          "(e.g. 2) so truncated importance sampling corrects them")
     if cfg.train.grad_accum != 1:
         raise ConfigError("train.grad_accum must be 1 for RL: use rl.minibatches to split a rollout")
 
@@ -115,6 +131,7 @@ def _rl_setup(cfg: RunConfig, stage) -> None:
     pipeline.eval_batches = []
     stage.eval_records = records[: cfg.rl.eval_prompts]
     stage.extras["rl"] = cfg.rl
+    stage.extras["sequences"] = cfg.train.batch_size  # per mini-batch (packed rows index them)
 
 
 _COMMON = dict(data_kinds=("prompt",), needs_reference=True, make_pipeline=prompt_pipeline, setup=_rl_setup,

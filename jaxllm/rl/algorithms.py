@@ -38,7 +38,40 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k1"):
     return KL_ESTIMATORS[kind](d)
 
 
-# ---- policy losses: (logps, old_logps, advantages, mask, rl) -> (per-token loss, was clipped) ---------
+# ---- how tokens group into sequences ---------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sequences:
+    """Padded rows: one sequence per row (ids None). Packed rows (`jaxllm.rl.packing`): `ids` [R, T]
+    holds each token's sequence index in the mini-batch, n on padding, for n sequences."""
+    ids: Optional[jax.Array] = None
+    n: int = 0
+
+    def sums(self, x):
+        """[rows, T] -> per-sequence sums [sequences]."""
+        if self.ids is None:
+            return x.sum(-1)
+        return jax.ops.segment_sum(x.reshape(-1), self.ids.reshape(-1), num_segments=self.n + 1)[: self.n]
+
+    def spread(self, per_seq):
+        """[sequences] -> [rows, T]: each token gets its sequence's value (padding 0)."""
+        if self.ids is None:
+            return per_seq[:, None]
+        return jnp.concatenate([per_seq, jnp.zeros((1,), per_seq.dtype)])[self.ids]
+
+
+ROWS = Sequences()
+
+
+def sequences_of(batch: dict, n: int) -> Sequences:
+    """n: sequences per (packed) mini-batch; ignored for padded rows."""
+    if "sequence_ids" not in batch:
+        return ROWS
+    if n <= 0:
+        raise ValueError("packed RL rows need the mini-batch's sequence count (LossContext.extras['sequences'])")
+    return Sequences(batch["sequence_ids"], n)
+
+
+# ---- policy losses: (logps, old_logps, advantages, mask, rl, seqs) -> (per-token loss, was clipped) ---
 # An entry may set `.aggregation` ("token", "sequence" or "constant"), overriding rl.loss_agg: the
 # normalisation is part of what defines Dr. GRPO and GSPO.
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
@@ -52,13 +85,13 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
 
 
 @POLICY_LOSSES.register("grpo")
-def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig, seqs: Sequences = ROWS):
     """The PPO-clip surrogate per token (GRPO's and PPO's policy term)."""
     return clipped_surrogate(logprobs, old_logprobs, advantages, rl.clip_low, rl.clip_high)
 
 
 @POLICY_LOSSES.register("dr_grpo")
-def dr_grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+def dr_grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig, seqs: Sequences = ROWS):
     """Dr. GRPO (Liu et al. 2025): GRPO's surrogate, summed over tokens and divided by a constant
     (sequences x rl.max_new_tokens) instead of each sequence's length, which removes the length
     bias; paired with unnormalised group advantages (rl.advantage_norm=mean, checked at load)."""
@@ -68,20 +101,20 @@ def dr_grpo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
 dr_grpo_policy_loss.aggregation = "constant"
 
 
-def gspo_token_ratio(logprobs, old_logprobs, mask):
+def gspo_token_ratio(logprobs, old_logprobs, mask, seqs: Sequences = ROWS):
     """GSPO's per-token ratio: equal in value to the sequence ratio gspo_ratio [N] on every token,
     with the gradient of that token's log-prob (sg(s_i) * exp(logp_t - sg(logp_t)), GSPO-token)."""
     lp = jnp.asarray(logprobs, jnp.float32)
-    seq = jax.lax.stop_gradient(gspo_ratio(lp, old_logprobs, mask))
-    return seq[:, None] * jnp.exp(lp - jax.lax.stop_gradient(lp))
+    seq = jax.lax.stop_gradient(gspo_ratio(lp, old_logprobs, mask, seqs))
+    return seqs.spread(seq) * jnp.exp(lp - jax.lax.stop_gradient(lp))
 
 
 @POLICY_LOSSES.register("gspo")
-def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig, seqs: Sequences = ROWS):
     """GSPO (Zheng et al. 2025): the clipped surrogate on the sequence-level ratio (the geometric
     mean of the token ratios), so a whole sequence is clipped or not; sequence-mean aggregation.
     Its clip ranges are ~1e-3, not 0.2: set rl.clip_low / rl.clip_high (paper: 3e-4 / 4e-4)."""
-    ratio = gspo_token_ratio(logprobs, old_logprobs, mask)
+    ratio = gspo_token_ratio(logprobs, old_logprobs, mask, seqs)
     adv = jnp.asarray(advantages, jnp.float32)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - rl.clip_low, 1.0 + rl.clip_high)
@@ -92,7 +125,7 @@ gspo_policy_loss.aggregation = "sequence"
 
 
 @POLICY_LOSSES.register("cispo")
-def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
+def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig, seqs: Sequences = ROWS):
     """CISPO (MiniMax-M1, 2025): REINFORCE on every token with a stop-gradient importance weight
     truncated at 1 + rl.clip_high, -sg(min(r, 1 + clip_high)) * A * logp: no token's gradient is
     dropped by clipping, only its weight is capped. Token-level aggregation."""
@@ -103,6 +136,50 @@ def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig):
 
 
 cispo_policy_loss.aggregation = "token"
+
+
+@POLICY_LOSSES.register("dapo")
+def dapo_policy_loss(logprobs, old_logprobs, advantages, mask, rl: RLConfig, seqs: Sequences = ROWS):
+    """DAPO (Yu et al. 2025): the clipped surrogate with decoupled ranges (clip-higher: set
+    rl.clip_high above rl.clip_low, paper 0.28 / 0.2), token-level aggregation; its rollouts
+    refill all-equal groups with new prompts (dynamic sampling) and softly penalise completions
+    in the last quarter before max_new_tokens (overlong shaping): `rollout_options`."""
+    return clipped_surrogate(logprobs, old_logprobs, advantages, rl.clip_low, rl.clip_high)
+
+
+dapo_policy_loss.aggregation = "token"
+dapo_policy_loss.dynamic_sampling = True
+dapo_policy_loss.overlong_fraction = 0.25
+
+
+def rollout_options(rl: RLConfig) -> tuple[bool, int]:
+    """(dynamic sampling on, overlong buffer in tokens): rl's setting, or on "auto" / -1 what
+    the rl.loss_type entry asks for."""
+    entry = POLICY_LOSSES[rl.loss_type]
+    dynamic = getattr(entry, "dynamic_sampling", False) if rl.dynamic_sampling == "auto" else rl.dynamic_sampling == "on"
+    buffer = rl.overlong_buffer if rl.overlong_buffer >= 0 else int(rl.max_new_tokens * getattr(entry, "overlong_fraction", 0))
+    return dynamic, buffer
+
+
+def overlong_penalty(lengths, finished, max_new: int, buffer: int, penalty: float = 1.0) -> np.ndarray:
+    """DAPO's soft overlong punishment: 0 up to max_new - buffer tokens, then falling linearly to
+    -penalty at max_new; a completion cut off without finishing gets -penalty. [N] -> [N]."""
+    n = np.asarray(lengths, np.float64)
+    ramp = np.clip((n - (max_new - buffer)) / max(buffer, 1), 0.0, 1.0) if buffer > 0 else np.zeros_like(n)
+    return -penalty * np.where(np.asarray(finished, bool), ramp, 1.0)
+
+
+def tis_weights(trainer_logps, sampler_logps, mask, cap: float) -> np.ndarray:
+    """Truncated importance sampling (Yao et al. 2025): min(exp(logp_trainer - logp_sampler), cap)
+    per generated token, correcting the sampler/trainer mismatch; 0 off the mask. Host arrays."""
+    w = np.exp(np.asarray(trainer_logps, np.float64) - np.asarray(sampler_logps, np.float64))
+    return (np.minimum(w, cap) * np.asarray(mask, np.float64)).astype(np.float32)
+
+
+def live_groups(scores, group_size: int) -> np.ndarray:
+    """[N] rewards -> [N // G] bool: the group's rewards are not all equal (it has a signal)."""
+    g = np.asarray(scores).reshape(-1, group_size)
+    return g.max(1) > g.min(1)
 
 
 def masked_mean(x, mask):
@@ -131,17 +208,19 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     return masked_mean(value_terms(values, old_values, returns, clip), mask)
 
 
-def aggregate(per_tok, mask, how: str, max_tokens: int = 0):
+def aggregate(per_tok, mask, how: str, max_tokens: int = 0, seqs: Sequences = ROWS):
     """-> (sum, denom): token-level (all tokens weigh the same), sequence-level (each sequence's
     token mean weighs the same) or constant (the token sum over sequences x max_tokens, Dr. GRPO).
-    A sum and a denominator, so micro-batch accumulation stays exact."""
+    A sum and a denominator, so micro-batch accumulation stays exact; `seqs` says which tokens
+    make a sequence (rows, or packed ids)."""
     m = mask.astype(jnp.float32)
     if how == "constant":
-        has = (m.sum(-1) > 0).astype(jnp.float32)
+        has = (seqs.sums(m) > 0).astype(jnp.float32)
         return (per_tok * m).sum(), has.sum() * max_tokens
     if how == "sequence":
-        per_seq = (per_tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-        has = (m.sum(-1) > 0).astype(jnp.float32)
+        counts = seqs.sums(m)
+        per_seq = seqs.sums(per_tok * m) / jnp.maximum(counts, 1.0)
+        has = (counts > 0).astype(jnp.float32)
         return (per_seq * has).sum(), has.sum()
     return (per_tok * m).sum(), m.sum()
 
@@ -197,12 +276,12 @@ def reinforce_pp_advantages(rewards, mask):
     return (returns - mu) / (sd + 1e-8) * m
 
 
-def gspo_ratio(logps, old_logps, mask):
+def gspo_ratio(logps, old_logps, mask, seqs: Sequences = ROWS):
     """GSPO (Zheng et al. 2025): the sequence-level importance ratio exp(mean over the sequence's
     masked tokens of logp - old_logp). [N, T] -> [N]."""
     m = jnp.asarray(mask, jnp.float32)
     d = (jnp.asarray(logps, jnp.float32) - jnp.asarray(old_logps, jnp.float32)) * m
-    return jnp.exp(d.sum(-1) / jnp.maximum(m.sum(-1), 1.0))
+    return jnp.exp(seqs.sums(d) / jnp.maximum(seqs.sums(m), 1.0))
 
 
 def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -225,8 +304,7 @@ class Scored:
 def _per_sequence(s: Scored, adv: np.ndarray, metrics: dict) -> tuple[dict, dict]:
     """Sequence advantages [N] on every generated token; groups whose rewards are all equal train
     nothing (their advantages are 0 and they would only add KL)."""
-    flat = s.scores.reshape(-1, s.group_size)
-    live = np.repeat(flat.max(1) > flat.min(1), s.group_size)
+    live = np.repeat(live_groups(s.scores, s.group_size), s.group_size)
     loss_mask = s.loss_mask * live[:, None]
     return ({"loss_mask": loss_mask, "advantages": (adv[:, None] * loss_mask).astype(np.float32)},
             {**metrics, "live_group_fraction": float(live.mean())})

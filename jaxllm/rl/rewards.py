@@ -19,6 +19,7 @@ from jaxllm.core.arrays import last_token_index
 from jaxllm.core.loading import load_model
 from jaxllm.core.model import ScalarHeadModel
 from jaxllm.errors import ConfigError
+from jaxllm.rl.algorithms import overlong_penalty, rollout_options
 
 
 # ---- verifiable rewards ------------------------------------------------------------------------
@@ -73,10 +74,12 @@ def _score_last(graphdef, params, inputs, positions, segment_ids):
 
 
 class Rewards:
-    """Weighted sum of reward terms over a rollout, with the length / no-EOS penalties."""
+    """Weighted sum of reward terms over a rollout (each normalised first, rl.reward_norm), with the
+    length / no-EOS penalties and DAPO's overlong shaping."""
 
     def __init__(self, rl: RLConfig, mesh, rules, tok):
         self.rl = rl
+        self.overlong = rollout_options(rl)[1]
         self.terms = []  # (name, weight, kind, fn or (graphdef, params))
         for i, r in enumerate(rl.rewards):
             if r.kind == "function":
@@ -84,12 +87,22 @@ class Rewards:
             else:
                 self.terms.append((f"rm{i}", r.weight, "model", load_scalar_model(r.path, mesh, rules, tok)))
 
+    def normalised(self, vals: np.ndarray) -> np.ndarray:
+        """One term over the rollout, before its weight: whitened (a term that does not vary is 0)
+        or clipped, so no term's scale swamps another's (a reward model's ~5 vs a 0/1 verifier)."""
+        if self.rl.reward_norm == "whiten":
+            return (vals - vals.mean()) / (vals.std() + 1e-6)
+        if self.rl.reward_norm == "clip":
+            return np.clip(vals, -self.rl.reward_clip, self.rl.reward_clip)
+        return vals
+
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str],
-                 seq: dict, lengths: np.ndarray, finished: np.ndarray) -> tuple[np.ndarray, dict]:
-        """-> (total reward [N], {term name: mean}). `seq` holds the [N, T] inputs/positions/
-        segment_ids of prompt + completion (global arrays) for reward models."""
+                 seq: dict, lengths: np.ndarray, finished: np.ndarray, train: bool = True) -> tuple[np.ndarray, dict]:
+        """-> (total reward [N], {"reward_<term>": raw values [N]}). `seq` holds the [N, T]
+        inputs/positions/segment_ids of prompt + completion (global arrays) for reward models;
+        train=False (held-out scoring): terms are not normalised, so the score keeps its units."""
         total = np.zeros(len(completions), np.float64)
-        parts = {}
+        terms = {}
         for name, weight, kind, fn in self.terms:
             if kind == "function":
                 vals = np.array([float(fn(p, c, r)) for p, c, r in zip(prompts, completions, references)])
@@ -97,8 +110,12 @@ class Rewards:
                 graphdef, params = fn
                 vals = np.asarray(jax.device_get(_score_last(graphdef, params, seq["inputs"], seq["positions"],
                                                              seq["segment_ids"])), np.float64)
-            parts[f"reward_{name}"] = float(vals.mean())
-            total += weight * vals
+            terms[f"reward_{name}"] = vals
+            total += weight * (self.normalised(vals) if train else vals)
         total -= self.rl.length_penalty * lengths
         total -= self.rl.no_eos_penalty * (~finished.astype(bool))
-        return total.astype(np.float32), parts
+        if self.overlong:
+            terms["reward_overlong"] = overlong_penalty(lengths, finished, self.rl.max_new_tokens, self.overlong,
+                                                        self.rl.overlong_penalty)
+            total += terms["reward_overlong"]
+        return total.astype(np.float32), terms
