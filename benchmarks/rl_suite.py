@@ -67,7 +67,7 @@ def grpo_split(overrides: tuple, rollouts: int = 4) -> dict:
     from jaxllm.objectives import make_trainer
     out = tempfile.mkdtemp(prefix="jaxllm-bench-rl-")
     cfg = load_config(os.path.join(ROOT, "configs/runs/grpo_tiny.yaml"),
-                      [f"output_dir={out}", "checkpoint.init_from=", "train.progress=false", "train.log_every=1",
+                      [f"output_dir={out}", "checkpoint.init_from=\"\"", "train.progress=false", "train.log_every=1",
                        "eval.every=0", "checkpoint.every=0", "checkpoint.async_save=false",
                        f"train.steps={2 * rollouts}", *overrides])
     make_trainer(cfg).run()

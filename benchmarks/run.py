@@ -383,6 +383,8 @@ def suite_rollout(args):
     prompt_len, new, batches = (64, 64, (1, 8, 32))
     if args.smoke:
         shapes, prompt_len, new, batches = {"tiny": dict(TINY_MODEL, n_layers=1)}, 8, 4, (2,)
+    if jax.device_count() > 1:  # --devices N: the sampler's own layout vs the training layout instead
+        return _rollout_layout(args, shapes["tiny"], prompt_len, new)
     dev = jax.devices()[0]
     peak_bw = next((v for k, v in PEAK_HBM_BYTES_PER_S.items() if k.lower() in dev.device_kind.lower()), None)
     bw_source = "spec sheet"
@@ -420,20 +422,22 @@ def suite_rollout(args):
         write_record("rollout", name, {"model": kw, "prompt_len": prompt_len, "new_tokens": new,
                                        "peak_bytes_per_s": peak_bw, "peak_source": bw_source}, {"rows": rows},
                      args.smoke)
-    if jax.device_count() > 1:  # the sampler's own layout vs the training layout; a GRPO step's split
-        from benchmarks import rl_suite
-        batches = (2 * jax.device_count(),) if args.smoke else (8, 32, 64)
-        model = shapes["tiny"]
-        rows = rl_suite.layout_rows(model, batches, prompt_len, new, args.repeats, args.warmup)
-        split = {} if args.smoke else {
-            layout: rl_suite.grpo_split(ov) for layout, ov in
-            (("fsdp", ()), ("sampler", ("rl.sampler_mesh={data: -1, fsdp: 1}",)))}
-        for layout, r in split.items():
-            print(f"grpo step ({layout} sampling): sampling {r['sampling_s']:.2f} s, scoring {r['scoring_s']:.2f} s, "
-                  f"training {r['training_s']:.2f} s per rollout")
-        write_record("rollout_layout", f"tiny-{jax.device_count()}dev",
-                     {"model": model, "prompt_len": prompt_len, "new_tokens": new, "train_mesh": "fsdp",
-                      "sampler_mesh": "data (replicated weights)"}, {"rows": rows, "grpo_split": split}, args.smoke)
+
+
+def _rollout_layout(args, model: dict, prompt_len: int, new: int):
+    """Sampling on the training layout (fsdp) vs rl.sampler_mesh's; a GRPO step's time split."""
+    from benchmarks import rl_suite
+    batches = (2 * jax.device_count(),) if args.smoke else (8, 32, 64)
+    rows = rl_suite.layout_rows(model, batches, prompt_len, new, args.repeats, args.warmup)
+    split = {} if args.smoke else {
+        layout: rl_suite.grpo_split(ov) for layout, ov in
+        (("fsdp", ()), ("sampler", ("rl.sampler_mesh={data: -1, fsdp: 1}",)))}
+    for layout, r in split.items():
+        print(f"grpo step ({layout} sampling): sampling {r['sampling_s']:.2f} s, scoring {r['scoring_s']:.2f} s, "
+              f"training {r['training_s']:.2f} s per rollout")
+    write_record("rollout_layout", f"tiny-{jax.device_count()}dev",
+                 {"model": model, "prompt_len": prompt_len, "new_tokens": new, "train_mesh": "fsdp",
+                  "sampler_mesh": "data (replicated weights)"}, {"rows": rows, "grpo_split": split}, args.smoke)
 
 
 def suite_table(args):

@@ -204,8 +204,8 @@ def test_dynamic_sampling_refills_all_equal_groups():
         it = ExperienceIterator.__new__(ExperienceIterator)
         it.ctx = SimpleNamespace(cfg=SimpleNamespace(rl=rl))
         feed = iter(enumerate(rounds))  # sequence ids: 0-7 in round 1, 10-17 in round 2
-        it._sample = lambda g, s, key: (lambda r, sc: {"scores": sc, "id": np.arange(8) + 10 * r})(*next(feed))
-        return it._sample_groups(None, None, jax.random.key(0))
+        it._sample = lambda policy, key: (lambda r, sc: {"scores": sc, "id": np.arange(8) + 10 * r})(*next(feed))
+        return it._sample_groups(None, jax.random.key(0))
 
     roll, n = run(RLConfig(group_size=2, loss_type="dapo"))
     assert n == 2
