@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("suite", ["train", "data", "checkpoint", pytest.param("rollout", marks=pytest.mark.slow),
+@pytest.mark.parametrize("suite", [pytest.param("train", marks=pytest.mark.slow), "data", "checkpoint", pytest.param("rollout", marks=pytest.mark.slow),
                                    pytest.param("posttrain", marks=pytest.mark.slow)])
 def test_suite_smoke(suite):
     env = dict(os.environ, XLA_FLAGS="")

@@ -26,7 +26,8 @@ def _stage_cfg(name, tmp, pretrained, sft, rm):
 
 
 @pytest.mark.parametrize("name", ["pretrain", pytest.param("sft", marks=pytest.mark.slow),
-                                  pytest.param("rm", marks=pytest.mark.slow), pytest.param("dpo", marks=pytest.mark.slow), "grpo",
+                                  pytest.param("rm", marks=pytest.mark.slow), pytest.param("dpo", marks=pytest.mark.slow),
+                                  pytest.param("grpo", marks=pytest.mark.slow),
                                   pytest.param("ppo", marks=pytest.mark.slow)])  # slow: `pytest -m slow`
 def test_two_runs_are_bit_identical(name, pretrained, sft, reward_model, tmp_path):
     runs = []

@@ -208,6 +208,7 @@ def test_results_next_to_checkpoint_and_in_info(evaluated, run, capsys):
     assert f"{acc:.4f}" in out and "exact_match" in out
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow`
 def test_unknown_task_is_one_line_exit_2(run, task_dir, capsys):
     assert main(["eval", run, "--tasks", f"{MC}x", "--include-path", task_dir]) == 2
     err = capsys.readouterr().err.strip()

@@ -93,6 +93,7 @@ def _metric_lines(out):
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow` (~105 s with its reference run)
 def test_sigterm_saves_at_step_boundary_exits_0_and_resumes(tmp_path, env, reference):
     out = tmp_path / "run"
     p = subprocess.Popen(_train_cmd(out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,7 +154,7 @@ def test_sigkill_20_times_resumes_from_last_complete_checkpoint(tmp_path, env, r
     assert set(steps) == set(range(1, STEPS + 1))  # torn metric lines are skipped, none missing
 
 
-@pytest.mark.parametrize("where", ["loss", "grad"])
+@pytest.mark.parametrize("where", ["loss", pytest.param("grad", marks=pytest.mark.slow)])
 def test_nonfinite_updates_are_skipped_and_counted(tmp_path, where):
     cfg = tiny_config(tmp_path, "train.steps=8", "train.batch_size=8", "train.seq_len=64", "eval.every=8",
                       "checkpoint.every=4", "train.debug_nonfinite_steps=[3,6]", f"train.debug_nonfinite_in={where}")

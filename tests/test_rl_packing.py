@@ -95,8 +95,9 @@ def _assert_same_loss(fn, model, padded, packed, rl, n=8):
 SLOW = pytest.mark.slow  # CI time: `pytest -m slow` runs every loss
 
 
-@pytest.mark.parametrize("loss_type,agg", [pytest.param("grpo", "token", marks=SLOW), ("grpo", "sequence"),
-                                           ("dr_grpo", "token"), ("gspo", "token"),
+@pytest.mark.parametrize("loss_type,agg", [pytest.param("grpo", "token", marks=SLOW),
+                                           pytest.param("grpo", "sequence", marks=SLOW),
+                                           pytest.param("dr_grpo", "token", marks=SLOW), ("gspo", "token"),
                                            pytest.param("cispo", "token", marks=SLOW)])
 def test_packed_policy_losses_equal_padded(loss_type, agg):
     b, _, _ = _rollout(8, seed=1)
