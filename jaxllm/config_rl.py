@@ -55,11 +55,13 @@ class RLConfig:
     clip_high: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
+    critic_warmup: int = 0  # PPO: the first N rollouts fit only the critic (policy advantages zeroed)
     critic_init: str = ""  # PPO critic's checkpoint (e.g. the RM run); "" = checkpoint.init_from
     advantage_norm: Literal["std", "mean"] = "std"  # GRPO: "mean" = Dr. GRPO (no std division)
     loss_agg: Literal["token", "sequence"] = "token"
     eval_prompts: int = 64  # held-out prompts scored at each eval
     eval_temperature: float = 0.0
+    eval_sampled: bool = True  # also score them at rl.temperature (eval_sampled_* metrics) when it differs
     # DAPO's rollout pieces; "auto" / -1 = what rl.loss_type's entry asks for (dapo: on, max_new_tokens // 4)
     dynamic_sampling: Literal["auto", "on", "off"] = "auto"  # refill all-equal groups with new prompts
     max_sampling_rounds: int = 4  # dynamic sampling: sampling rounds per rollout at most

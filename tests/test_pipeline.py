@@ -20,7 +20,8 @@ SHRINK = {  # steps / eval sizes for CI; the shipped default pipeline runs the f
     "sft": ["train.steps=400", "eval.every=400", "checkpoint.every=400", "objective.eval_generate=60"],
     "rm": ["train.steps=100", "eval.every=100", "checkpoint.every=100"],
     "dpo": ["train.steps=40", "eval.every=40", "checkpoint.every=40"],
-    "ppo": ["train.steps=20", "eval.every=20", "checkpoint.every=20", "rl.eval_prompts=32"],
+    "ppo": ["train.steps=20", "eval.every=20", "checkpoint.every=20", "rl.eval_prompts=32", "rl.critic_warmup=1",
+            "optimizer.lr=1e-4"],
     "grpo": ["train.steps=20", "eval.every=20", "checkpoint.every=20", "rl.eval_prompts=32"],
 }
 

@@ -149,6 +149,7 @@ def test_label_with_a_judge_lm(sft, tmp_path, capsys):
     (["rl.sampler_mesh={data: -1, fsdp: -1}"], "rl.sampler_mesh: at most one"),
     (["rl.off_policy_steps=1"], "set rl.tis_cap"),
     (["rl.tis_cap=0.5"], "rl.tis_cap=0.5"),
+    (["rl.critic_warmup=2"], "needs a critic"),
 ])
 def test_rl_config_errors(tmp_path, capsys, overrides, message):
     cfg = os.path.join(os.path.dirname(__file__), "..", "configs/runs/grpo_tiny.yaml")
@@ -172,6 +173,27 @@ def test_grpo_packed_rows_sampled_on_its_own_layout(sft, tmp_path):
     assert all(np.isfinite(m["loss"]) for m in read_metrics(cfg.output_dir) if "loss" in m)
     pads = [(m["padding_fraction"], m["padding_fraction_unpacked"]) for m in _rollouts(cfg.output_dir)]
     assert len(pads) == 2 and all(packed < unpacked - 0.05 for packed, unpacked in pads), pads
+
+
+@pytest.mark.slow  # 66 s (a PPO run): `pytest -m slow`
+def test_ppo_critic_warmup_moves_only_the_critic(sft, tmp_path):
+    """rl.critic_warmup=1: the first rollout's 4 steps zero the policy advantages, so the actor
+    stays at its SFT weights while the critic (initialised from the SFT trunk) fits the returns."""
+    import jax
+    cfg = stage_config(tmp_path, "ppo_tiny", *QUIET, f"checkpoint.init_from={sft}", f"rl.critic_init={sft}",
+                       'rl.rewards=[{kind: function, fn: "tests.test_rl:sevens"}]', "train.steps=4",
+                       "eval.every=0", "checkpoint.every=4", "rl.max_new_tokens=6", "rl.critic_warmup=1")
+    t = make_trainer(cfg)
+    t.run()
+    from flax import nnx
+    from jaxllm.app.inference import load_model
+    sft_params = nnx.to_pure_dict(nnx.state(load_model(sft)[0], nnx.Param))
+    params = nnx.to_pure_dict(t.state.params)
+    flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    start, actor, critic = flat(sft_params), flat(params["actor"]), flat(params["critic"])
+    assert start.keys() == actor.keys() and all(np.array_equal(start[k], actor[k]) for k in start), \
+        "the actor moved during critic warm-up"
+    assert any(not np.array_equal(start[k], critic[k]) for k in start.keys() & critic.keys()), "the critic did not train"
 
 
 def test_off_policy_rollouts_sample_with_the_previous_weights(sft, tmp_path):

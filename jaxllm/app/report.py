@@ -127,11 +127,13 @@ def write_report(output_dir: str, stages: list, rep) -> str:
         if kl:
             detail.append(f"KL to the reference on held-out prompts (nats/sequence): {kl[0]:.3f} -> {kl[-1]:.3f}")
             detail.append("")
-        terms = sorted({k for r in evals for k in r if k.startswith("eval_reward_") and metric == "eval_reward"})
-        if terms:  # each reward term on its own: a rising total can hide a falling verifiable term
-            detail.append("Reward terms (held-out, before -> after): " + ", ".join(
-                f"{k[len('eval_reward_'):]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in terms))
-            detail.append("")
+        for prefix, how in (("eval_reward_", "greedy" if run_cfg.rl.eval_temperature == 0 else
+                             f"T={run_cfg.rl.eval_temperature}"), ("eval_sampled_reward_", f"sampled at T={run_cfg.rl.temperature}")):
+            terms = sorted({k for r in evals for k in r if k.startswith(prefix) and metric == "eval_reward"})
+            if terms:  # each reward term on its own: a rising total can hide a falling verifiable term
+                detail.append(f"Reward terms (held-out, {how}, before -> after): " + ", ".join(
+                    f"{k[len(prefix):]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in terms))
+                detail.append("")
         samples = _samples(s.out_dir, objective.report_samples, rep)
         if samples:
             detail += ["| prompt | greedy completion |", "|---|---|"]

@@ -82,6 +82,8 @@ def check_rl(cfg: RunConfig, name: str, min_group: int, has_critic: bool) -> Non
     if has_critic and rl.advantage and not needs_values:
         raise ConfigError(f"objective.name={name} trains its critic on GAE returns: leave rl.advantage empty "
                           f"or set it to gae (got {rl.advantage})")
+    if rl.critic_warmup and not has_critic:
+        raise ConfigError(f"rl.critic_warmup={rl.critic_warmup} needs a critic (objective.name=ppo); set it to 0")
     if cfg.data.max_prompt_len + rl.max_new_tokens > cfg.train.seq_len:
         raise ConfigError(f"data.max_prompt_len + rl.max_new_tokens = {cfg.data.max_prompt_len} + "
                           f"{rl.max_new_tokens} exceeds train.seq_len={cfg.train.seq_len}")

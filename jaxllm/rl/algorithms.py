@@ -169,16 +169,18 @@ def overlong_penalty(lengths, finished, max_new: int, buffer: int, penalty: floa
     return -penalty * np.where(np.asarray(finished, bool), ramp, 1.0)
 
 
-def tis_weights(trainer_logps, sampler_logps, mask, cap: float) -> np.ndarray:
+def tis_weights(trainer_logps, sampler_logps, mask, cap: float):
     """Truncated importance sampling (Yao et al. 2025): min(exp(logp_trainer - logp_sampler), cap)
-    per generated token, correcting the sampler/trainer mismatch; 0 off the mask. Host arrays."""
-    w = np.exp(np.asarray(trainer_logps, np.float64) - np.asarray(sampler_logps, np.float64))
-    return (np.minimum(w, cap) * np.asarray(mask, np.float64)).astype(np.float32)
+    per generated token, correcting the sampler/trainer mismatch; 0 off the mask."""
+    w = jnp.exp(jnp.asarray(trainer_logps, jnp.float32) - jnp.asarray(sampler_logps, jnp.float32))
+    return jnp.minimum(w, cap) * jnp.asarray(mask, jnp.float32)
 
 
-def live_groups(scores, group_size: int) -> np.ndarray:
-    """[N] rewards -> [N // G] bool: the group's rewards are not all equal (it has a signal)."""
-    g = np.asarray(scores).reshape(-1, group_size)
+def live_groups(scores, group_size: int):
+    """[N] rewards -> [N // G] bool: the group's rewards are not all equal (it has a signal).
+    numpy in, numpy out (host dynamic sampling); jax in, jax out (the jitted scoring)."""
+    xp = np if isinstance(scores, np.ndarray) else jnp
+    g = xp.asarray(scores).reshape(-1, group_size)
     return g.max(1) > g.min(1)
 
 
@@ -284,69 +286,79 @@ def gspo_ratio(logps, old_logps, mask, seqs: Sequences = ROWS):
     return jnp.exp(seqs.sums(d) / jnp.maximum(seqs.sums(m), 1.0))
 
 
-def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask.astype(bool)
-    mu, sd = x[m].mean(), x[m].std()
-    return np.where(m, (x - mu) / (sd + 1e-8), 0.0).astype(np.float32)
+def _masked_moments(x, m):
+    """Mean and variance of x over mask m (float 0/1), without boolean indexing (traceable)."""
+    n = jnp.maximum(m.sum(), 1.0)
+    mu = (x * m).sum() / n
+    return mu, (jnp.square(x - mu) * m).sum() / n
+
+
+def whiten(x, mask):
+    m = jnp.asarray(mask, jnp.float32)
+    mu, var = _masked_moments(x, m)
+    return jnp.where(m > 0, (x - mu) / (jnp.sqrt(var) + 1e-8), 0.0)
 
 
 @dataclasses.dataclass
 class Scored:
-    """One scored rollout, what every advantage estimator may read (host arrays)."""
-    scores: np.ndarray  # [N] sequence rewards
-    loss_mask: np.ndarray  # [N, T] 1 on generated tokens
-    token_kl: np.ndarray  # [N, T] per-token KL estimate to the reference (masked, clamped)
-    kl_coef: float
+    """One scored rollout, what every advantage estimator may read. Estimators are traced inside
+    the rollout's one jitted scoring function (jax arrays in, jax arrays out: no host math)."""
+    scores: jax.Array  # [N] sequence rewards
+    loss_mask: jax.Array  # [N, T] 1 on generated tokens
+    token_kl: jax.Array  # [N, T] per-token KL estimate to the reference (masked, clamped)
+    kl_coef: jax.Array  # scalar (the adaptive controller's value: an input, not a constant)
     group_size: int
-    values: Optional[np.ndarray] = None  # [N, T] critic values (actor-critic objectives)
+    values: Optional[jax.Array] = None  # [N, T] critic values (actor-critic objectives)
 
 
-def _per_sequence(s: Scored, adv: np.ndarray, metrics: dict) -> tuple[dict, dict]:
+def _per_sequence(s: Scored, adv, metrics: dict) -> tuple[dict, dict]:
     """Sequence advantages [N] on every generated token; groups whose rewards are all equal train
     nothing (their advantages are 0 and they would only add KL)."""
-    live = np.repeat(live_groups(s.scores, s.group_size), s.group_size)
-    loss_mask = s.loss_mask * live[:, None]
-    return ({"loss_mask": loss_mask, "advantages": (adv[:, None] * loss_mask).astype(np.float32)},
-            {**metrics, "live_group_fraction": float(live.mean())})
+    live = jnp.repeat(live_groups(jnp.asarray(s.scores), s.group_size), s.group_size)
+    loss_mask = jnp.asarray(s.loss_mask) * live[:, None].astype(jnp.asarray(s.loss_mask).dtype)
+    return ({"loss_mask": loss_mask, "advantages": (adv[:, None] * loss_mask).astype(jnp.float32)},
+            {**metrics, "live_group_fraction": live.astype(jnp.float32).mean()})
+
+
+def _with_final_reward(s: Scored, m):
+    """Per-token rewards: -kl_coef * KL, plus the sequence reward at its last generated token."""
+    rewards = -s.kl_coef * jnp.asarray(s.token_kl, jnp.float32) * m
+    return rewards.at[jnp.arange(m.shape[0]), last_token_index(m)].add(jnp.asarray(s.scores, jnp.float32))
 
 
 @ADVANTAGES.register("group")
 def group_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
     """GRPO: reward minus its group's mean (over std, or not: rl.advantage_norm=mean is Dr. GRPO),
     the same for every token of a sequence."""
-    adv = np.asarray(group_advantages(s.scores, s.group_size, normalize_std=rl.advantage_norm == "std"))
+    adv = group_advantages(s.scores, s.group_size, normalize_std=rl.advantage_norm == "std")
     return _per_sequence(s, adv, {})
 
 
 @ADVANTAGES.register("rloo")
 def rloo_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
     """RLOO: reward minus the mean of the group's other samples, the same for every token."""
-    return _per_sequence(s, np.asarray(rloo_advantages(s.scores, s.group_size)), {})
+    return _per_sequence(s, rloo_advantages(s.scores, s.group_size), {})
 
 
 @ADVANTAGES.register("reinforce_pp")
 def reinforce_pp_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
     """REINFORCE++: token rewards -kl_coef * KL plus the sequence reward at its last token, returns
     to the end, whitened over the batch. No critic and no groups."""
-    m = s.loss_mask.astype(np.float32)
-    rewards = -s.kl_coef * s.token_kl * m
-    rewards[np.arange(len(s.scores)), last_token_index(m)] += s.scores
-    return {"advantages": np.asarray(reinforce_pp_advantages(rewards, m), np.float32)}, {}
+    m = jnp.asarray(s.loss_mask, jnp.float32)
+    return {"advantages": reinforce_pp_advantages(_with_final_reward(s, m), m)}, {}
 
 
 @ADVANTAGES.register("gae")
 def gae_estimator(s: Scored, rl: RLConfig) -> tuple[dict, dict]:
     """PPO: per-token reward -kl_coef * KL, plus the sequence reward at its last token; GAE with
     the critic's values; returns for the value loss."""
-    m = s.loss_mask.astype(np.float32)
-    values = s.values * m
-    rewards = -s.kl_coef * s.token_kl
-    rewards[np.arange(len(s.scores)), last_token_index(m)] += s.scores
-    adv, returns = (np.asarray(x) for x in gae(rewards, values, m, rl.gamma, rl.lam))
-    var = returns[m > 0].var()
-    explained = float(1 - (returns - values)[m > 0].var() / var) if var > 0 else 0.0
-    return ({"old_values": values, "returns": returns.astype(np.float32),
-             "advantages": whiten(adv, m) if rl.whiten_advantages else adv.astype(np.float32)},
+    m = jnp.asarray(s.loss_mask, jnp.float32)
+    values = jnp.asarray(s.values, jnp.float32) * m
+    adv, returns = gae(_with_final_reward(s, m), values, m, rl.gamma, rl.lam)
+    var = _masked_moments(returns, m)[1]
+    explained = jnp.where(var > 0, 1.0 - _masked_moments(returns - values, m)[1] / jnp.where(var > 0, var, 1.0), 0.0)
+    return ({"old_values": values, "returns": returns,
+             "advantages": whiten(adv, m) if rl.whiten_advantages else adv},
             {"value_explained_var": explained})
 
 

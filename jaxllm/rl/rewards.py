@@ -57,6 +57,16 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
+def char_match(prompt: str, completion: str, reference: str) -> float:
+    """Partial credit per character: right characters in the right place over the longer of the two
+    strings (whitespace at the ends ignored), so a near miss scores between 0 and 1 and extra or
+    missing characters cost credit. Dense signal for answers that are one word or number."""
+    want, got = reference.strip(), completion.strip()
+    if not want and not got:
+        return 1.0
+    return sum(1.0 for a, b in zip(want, got) if a == b) / max(len(want), len(got))
+
+
 # ---- reward model ---------------------------------------------------------------------------
 def load_scalar_model(path: str, mesh, rules, tok=None):
     """Reward-model checkpoint -> (graphdef, params on the mesh). Checks the tokenizer."""

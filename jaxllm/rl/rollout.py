@@ -103,6 +103,31 @@ def _teacher_forced(graphdef, state, batch, temperature: float = 1.0, chunk_toke
     return logps, values
 
 
+def _score_rollout(ctx: "RLContext", params, reference, dev: dict, scores, sampler_logps, kl_coef) -> tuple[dict, dict]:
+    """A rollout's math, compiled as one function per run (`jax.jit(partial(_score_rollout, ctx))`;
+    rewards are computed before, on the host): trainer and reference log-probs (and values), the
+    per-token KL, TIS weights and the advantage estimator's outputs -> (arrays for the train step,
+    scalar metrics)."""
+    rl, chunk = ctx.cfg.rl, ctx.cfg.objective.xent_chunk_tokens
+    old_logps, values = _teacher_forced(ctx.graphdef, params, dev, rl.temperature, chunk)
+    ref_logps, _ = _teacher_forced(ctx.ref_graphdef, reference, dev, rl.temperature, chunk)
+    m = dev["loss_mask"].astype(jnp.float32)
+    tok_kl = kl_penalty(old_logps, ref_logps, rl.kl_estimator) * m
+    if rl.kl_clamp:
+        tok_kl = jnp.clip(tok_kl, -rl.kl_clamp, rl.kl_clamp)
+    out = {"old_logps": old_logps.astype(jnp.float32), "ref_logps": ref_logps.astype(jnp.float32)}
+    metrics = {"kl": (kl_penalty(old_logps, ref_logps, "k1") * m).sum(1).mean()}
+    if rl.tis_cap:  # trainer vs sampler log-probs of the sampled tokens, weight capped
+        out["tis_weight"] = w = tis_weights(old_logps, sampler_logps, m, rl.tis_cap)
+        n = jnp.maximum(m.sum(), 1.0)
+        metrics.update(tis_weight=w.sum() / n, sampler_logp_gap=(jnp.abs(old_logps - sampler_logps) * m).sum() / n,
+                       tis_capped_fraction=((w >= rl.tis_cap) * m).sum() / n)  # gap ~1e-6 on-policy: numerics only
+    estimator = ADVANTAGES.pick(ctx.advantage)
+    updates, adv_metrics = estimator(Scored(scores=scores, loss_mask=dev["loss_mask"], token_kl=tok_kl, kl_coef=kl_coef,
+                                            group_size=rl.group_size, values=values), rl)
+    return {**out, **updates}, {**metrics, **adv_metrics}
+
+
 def stop_ids(tok) -> set:
     """Ids that end a completion (prompts come from the chat format, so its end-of-turn ids)."""
     return set(tok.chat.stop_ids)
@@ -139,6 +164,7 @@ class ExperienceIterator:
     def __init__(self, ctx: RLContext, prompt_iter, data_state: Optional[dict]):
         self.ctx, self.prompts = ctx, prompt_iter
         rl = ctx.cfg.rl
+        self._score = jax.jit(partial(_score_rollout, ctx))  # the rollout's math: one compiled function
         self.rollouts = 0
         coef = None
         if data_state is not None:
@@ -233,7 +259,7 @@ class ExperienceIterator:
         return {k: np.concatenate([p[k] for p in live + dead])[:n] for k in first}, rounds
 
     def _rollout(self, state) -> None:
-        ctx, rl, cfg = self.ctx, self.ctx.cfg.rl, self.ctx.cfg
+        ctx, rl = self.ctx, self.ctx.cfg.rl
         t0 = time.perf_counter()
         params = nnx.merge_state(state.params, state.rest)
         roll, rounds, lag = self._sampled(params)
@@ -243,37 +269,21 @@ class ExperienceIterator:
         dev = {k: _global(v, ctx) for k, v in batch.items()}
         scores, lengths, finished = roll["scores"], roll["lengths"], roll["finished"]
         with use_mesh_rules(ctx.mesh, ctx.rules):
-            chunk = cfg.objective.xent_chunk_tokens
-            old_logps, values = _teacher_forced(ctx.graphdef, params, dev, rl.temperature, chunk)
-            ref_logps, _ = _teacher_forced(ctx.ref_graphdef, ctx.reference, dev, rl.temperature, chunk)
-        old_logps, ref_logps = _host(old_logps), _host(ref_logps)
-        m = batch["loss_mask"].astype(np.float32)
-        tok_kl = np.asarray(kl_penalty(old_logps, ref_logps, rl.kl_estimator)) * m
-        if rl.kl_clamp:
-            tok_kl = np.clip(tok_kl, -rl.kl_clamp, rl.kl_clamp)
-        seq_kl = (np.asarray(kl_penalty(old_logps, ref_logps, "k1")) * m).sum(1)
-
-        batch.update(old_logps=old_logps.astype(np.float32), ref_logps=ref_logps.astype(np.float32))
+            scored, dev_metrics = self._score(params, ctx.reference, dev, _global(scores, ctx),
+                                              _global(roll["sampler_logps"], ctx), jnp.float32(self.kl.coef))
+        batch.update({k: _host(v) for k, v in scored.items()})  # one transfer: the rollout's math ran on device
+        if self.rollouts < rl.critic_warmup:  # a fresh critic's advantages are noise: let it fit first
+            batch["advantages"] = np.zeros_like(batch["advantages"])
         metrics = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-                   "kl": float(seq_kl.mean()), "response_length": float(lengths.mean()),
+                   "response_length": float(lengths.mean()),
                    "finished_fraction": float(finished.mean()), "kl_coef": self.kl.coef,
-                   **{k: float(roll[k].mean()) for k in roll if k.startswith("reward_")}}
+                   **{k: float(roll[k].mean()) for k in roll if k.startswith("reward_")},
+                   **{k: float(v.addressable_data(0)) for k, v in dev_metrics.items()}}  # replicated scalars
         if rounds > 1 or rollout_options(rl)[0]:
             metrics["sampling_rounds"] = rounds
         if rl.off_policy_steps:
             metrics["policy_lag"] = lag
-        if rl.tis_cap:  # trainer vs sampler log-probs of the sampled tokens, weight capped
-            batch["tis_weight"] = tis_weights(old_logps, roll["sampler_logps"], m, rl.tis_cap)
-            gap = np.abs(old_logps - roll["sampler_logps"])[m > 0]  # ~1e-6 on-policy: numerics only
-            metrics.update(tis_weight=float(batch["tis_weight"][m > 0].mean()), sampler_logp_gap=float(gap.mean()),
-                           tis_capped_fraction=float((batch["tis_weight"][m > 0] >= rl.tis_cap).mean()))
-        estimator = ADVANTAGES.pick(ctx.advantage)
-        scored = Scored(scores=scores, loss_mask=batch["loss_mask"], token_kl=tok_kl, kl_coef=self.kl.coef,
-                        group_size=rl.group_size, values=_host(values).astype(np.float32) if ctx.actor_critic else None)
-        updates, adv_metrics = estimator(scored, rl)
-        batch.update(updates)
-        metrics.update(adv_metrics)
-        self.kl.update(float(seq_kl.mean()), len(scores))
+        self.kl.update(metrics["kl"], len(scores))
         metrics["padding_fraction"] = self._enqueue(batch)
         if ctx.packed:  # what the padded layout would have had
             metrics["padding_fraction_unpacked"] = padding_fraction(batch)
@@ -301,8 +311,19 @@ class ExperienceIterator:
         return float(np.mean(pads))
 
 
-def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
-    """Held-out prompts: mean reward of completions at rl.eval_temperature and their KL to the
+def rl_evals(ctx: RLContext, graphdef, state, records: list) -> dict:
+    """Held-out metrics at rl.eval_temperature (eval_*) and, with rl.eval_sampled, at the rollouts'
+    temperature too (eval_sampled_*): greedy accuracy and the accuracy of what training samples."""
+    rl = ctx.cfg.rl
+    out = rl_eval(ctx, graphdef, state, records, rl.eval_temperature, ctx.cfg.seed + 11)
+    if rl.eval_sampled and rl.temperature != rl.eval_temperature:
+        sampled = rl_eval(ctx, graphdef, state, records, rl.temperature, ctx.cfg.seed + 12)
+        out.update({"eval_sampled_" + k[len("eval_"):]: v for k, v in sampled.items()})
+    return out
+
+
+def rl_eval(ctx: RLContext, graphdef, state, records: list, temperature: float, seed: int) -> dict:
+    """Held-out prompts: mean reward of completions at `temperature` and their KL to the
     reference (sum over tokens of log pi - log ref, mean over prompts)."""
     if not records:
         return {}
@@ -315,7 +336,7 @@ def rl_eval(ctx: RLContext, graphdef, state, records: list) -> dict:
     prompts, prompt_mask = (np.stack([r[k] for r in records] + [records[-1][k]] * pad)
                             for k in ("prompt", "prompt_mask"))
     out = generate_ids(pol_graphdef, pol_state, _global(prompts, ctx, mesh=mesh), rl.max_new_tokens,
-                       rng=jax.random.key(ctx.cfg.seed + 11), temperature=rl.eval_temperature, top_k=rl.top_k,
+                       rng=jax.random.key(seed), temperature=temperature, top_k=rl.top_k,
                        top_p=rl.top_p, eos_id=tok.chat.stop_ids, pad_id=tok.pad_id,
                        prompt_mask=_global(prompt_mask, ctx, mesh=mesh), mesh=mesh, rules=ctx.rules)
     tokens, mask, finished = _host(out.tokens), _host(out.mask), _host(out.finished)
@@ -358,6 +379,6 @@ def experience_source(trainer, data_state: Optional[dict], frozen, default_advan
                     tokenizer=stage.tokenizer, rewards=Rewards(cfg.rl, trainer.mesh, trainer.rules, stage.tokenizer),
                     actor_critic=isinstance(abstract, ActorCritic), advantage=cfg.rl.advantage or default_advantage,
                     packed=packing_on(cfg.data), sampler_mesh=sampler)
-    stage.extra_eval = lambda graphdef, state: rl_eval(ctx, ctx.graphdef, state, stage.eval_records)
+    stage.extra_eval = lambda graphdef, state: rl_evals(ctx, ctx.graphdef, state, stage.eval_records)
     prompts = stage.pipeline.iterator(None, cfg.data.num_threads, cfg.data.prefetch)
     return ExperienceIterator(ctx, prompts, data_state), None
