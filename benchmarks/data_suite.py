@@ -145,8 +145,9 @@ def make_tokenizer(workdir: str, corpus: str, vocab_size: int = 8192) -> str:
 
 
 # ---- measurement -------------------------------------------------------------------------------------
-def _tree_rss(root: int) -> int:
-    """Sum of RSS (bytes) over `root` and all its descendants."""
+def _tree_rss(root: int, rss_of: dict | None = None) -> int:
+    """Sum of RSS (bytes) over `root` and all its descendants; `rss_of`: filled pid -> RSS of the
+    direct children of `root`."""
     children: dict = {}
     rss: dict = {}
     for pid in os.listdir("/proc"):
@@ -164,6 +165,8 @@ def _tree_rss(root: int) -> int:
         pid = stack.pop()
         total += rss.get(pid, 0)
         stack += children.get(pid, [])
+    if rss_of is not None:
+        rss_of.update({pid: rss.get(pid, 0) for pid in children.get(root, [])})
     return total
 
 
@@ -173,16 +176,19 @@ _WRAPPER = ("import resource, subprocess, sys, json; rc = subprocess.call(sys.ar
 
 
 def run_measured(cmd: list[str], log_path: str, env: dict | None = None) -> dict:
-    """Runs `cmd` under a fresh wrapper; wall seconds, peak summed RSS of the tree, largest process."""
+    """Runs `cmd` under a fresh wrapper; wall seconds, peak summed RSS of the tree, largest process,
+    and the peak RSS of `cmd`'s own process (for `jaxllm data prepare`: the Beam runner)."""
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *cmd], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, cwd=ROOT)
-        peak = [0]
+        peak = [0, 0]
 
         def sample():
             while proc.poll() is None:
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                top: dict = {}
+                peak[0] = max(peak[0], _tree_rss(proc.pid, top))
+                peak[1] = max([peak[1], *top.values()])
                 time.sleep(0.2)
         th = threading.Thread(target=sample, daemon=True)
         th.start()
@@ -194,7 +200,8 @@ def run_measured(cmd: list[str], log_path: str, env: dict | None = None) -> dict
     if rc != 0:
         raise RuntimeError(f"{cmd[:4]} failed (rc {rc}); log: {log_path}\n{text[-3000:]}")
     return {"wall_s": round(wall, 2), "peak_rss_sum_mb": round(peak[0] / 2**20, 1),
-            "max_process_rss_mb": round(maxrss[-1] / 1024, 1) if maxrss else None}
+            "max_process_rss_mb": round(maxrss[-1] / 1024, 1) if maxrss else None,
+            "main_process_peak_rss_mb": round(peak[1] / 2**20, 1)}
 
 
 def _rates(m: dict, corpus: str) -> dict:
@@ -204,20 +211,24 @@ def _rates(m: dict, corpus: str) -> dict:
     return m
 
 
-def prepare_bench(corpus: str, workers: int, workdir: str, tokenizer: str, keep: bool = False) -> dict:
+def prepare_bench(corpus: str, workers: int, workdir: str, tokenizer: str, keep: bool = False,
+                  extra: list | None = None, tag: str = "") -> dict:
     """`jaxllm data prepare` on the corpus (fresh subprocess); `keep`: leave the shards for a
-    training measurement (`out` in the result)."""
-    out = os.path.join(workdir, f"jaxllm-out-{os.path.basename(corpus)}-w{workers}")
+    training measurement (`out` in the result); `extra`: more `data prepare` options; `tag`: a
+    suffix for the output directory and config names (so runs do not replace each other's)."""
+    out = os.path.join(workdir, f"jaxllm-out-{os.path.basename(corpus)}-w{workers}{tag}")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = os.path.join(workdir, "prepare.yaml")
+    cfg = os.path.join(workdir, f"prepare-{os.path.basename(corpus)}{tag}.yaml")
     with open(cfg, "w") as f:
         json.dump({"data": {"tokenizer": tokenizer, "sources": [{"kind": "jsonl", "path": corpus}]}}, f)
     cmd = [os.path.join(os.path.dirname(sys.executable), "jaxllm"), "data", "prepare", cfg, "--out", out,
-           "--workers", str(workers), "--shards", "4", "--near-dup-threshold", str(THRESHOLD)]
+           "--workers", str(workers), "--shards", "4", "--near-dup-threshold", str(THRESHOLD), *(extra or [])]
     m = run_measured(cmd, out + ".log", env={"JAX_PLATFORMS": "cpu"})
+    m["runner_peak_rss_mb"] = m.pop("main_process_peak_rss_mb")  # the jaxllm process runs the DirectRunner
     summary = json.load(open(os.path.join(out, "prepared.json")))
     m.update(kept=summary["documents"], tokens=summary["tokens"], read=summary["report"]["read"],
-             dropped=summary["report"]["dropped"])
+             dropped=summary["report"]["dropped"], dedup_partitions=summary.get("dedup_partitions"),
+             prepare_args=extra or [])
     if keep:
         m["out"] = out
     else:
@@ -335,7 +346,8 @@ def versions() -> dict:
 
 
 def prepare_suite(sizes: list[int], workers: list[int], workdir: str = DEFAULT_DIR,
-                  tools: tuple = ("jaxllm", "datatrove"), runs: list | None = None, keep: bool = False) -> dict:
+                  tools: tuple = ("jaxllm", "datatrove"), runs: list | None = None, keep: bool = False,
+                  extra: list | None = None, tag: str = "") -> dict:
     """Every (size, workers, tool) measured; `runs` = explicit [(size, workers, tool)] instead."""
     os.makedirs(workdir, exist_ok=True)
     results = []
@@ -345,15 +357,16 @@ def prepare_suite(sizes: list[int], workers: list[int], workdir: str = DEFAULT_D
         corpus = generate_corpus(workdir, size)
         gen = time.time() - t0
         tokenizer = make_tokenizer(workdir, generate_corpus(workdir, 20 << 20))  # one tokenizer for every run
-        m = (prepare_bench(corpus, w, workdir, tokenizer, keep) if tool == "jaxllm"
+        m = (prepare_bench(corpus, w, workdir, tokenizer, keep, extra, tag) if tool == "jaxllm"
              else datatrove_bench(corpus, w, workdir, tokenizer))
-        rec = {"tool": tool, "size_bytes": corpus_meta(corpus)["bytes"], "workers": w, **m,
+        label = f"{tool} ({tag.strip('-')})" if tag and tool == "jaxllm" else tool
+        rec = {"tool": label, "size_bytes": corpus_meta(corpus)["bytes"], "workers": w, **m,
                "corpus": corpus_meta(corpus), "corpus_generate_s": round(gen, 1)}
         print(json.dumps(rec), flush=True)
         results.append(rec)
     ratios = []
     for r in results:
-        if r["tool"] != "jaxllm":
+        if not r["tool"].startswith("jaxllm"):
             continue
         for d in results:
             if d["tool"] == "datatrove" and d["size_bytes"] == r["size_bytes"] and d["workers"] == r["workers"]:
@@ -371,15 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=DEFAULT_DIR)
     ap.add_argument("--name", default="")
     ap.add_argument("--keep-output", action="store_true", help="keep jaxllm's shards (for benchmarks/data_train.py)")
+    ap.add_argument("--prepare-args", default="", help="more `jaxllm data prepare` options, space-separated "
+                    "(e.g. '--memory-budget 1GiB')")
+    ap.add_argument("--tag", default="", help="suffix for jaxllm's output directory and config names")
     a = ap.parse_args(argv)
     sizes = [_size(s) for s in a.sizes.split(",")]
     workers = [int(w) for w in a.workers.split(",")]
-    res = prepare_suite(sizes, workers, a.workdir, tuple(a.tools.split(",")), keep=a.keep_output)
+    res = prepare_suite(sizes, workers, a.workdir, tuple(a.tools.split(",")), keep=a.keep_output,
+                        extra=a.prepare_args.split(), tag=a.tag)
     from benchmarks.common import write_record
     name = a.name or "prepare-" + "-".join(s.lower() for s in a.sizes.split(","))
     path = write_record("data_prepare", name, {"sizes": sizes, "workers": workers, "tools": a.tools,
                                        "num_perm": NUM_PERM, "bands": BANDS, "threshold": THRESHOLD,
-                                       "min_chars": MIN_CHARS, "max_repeat_fraction": MAX_REPEAT}, res, smoke=False)
+                                       "min_chars": MIN_CHARS, "max_repeat_fraction": MAX_REPEAT,
+                                       "prepare_args": a.prepare_args}, res, smoke=False)
     print(path)
     return 0
 

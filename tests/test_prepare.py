@@ -132,3 +132,34 @@ def test_multi_process_runner_matches_in_process(tmp_path, tok, monkeypatch):
     assert outs[1][0]["dropped"]["near duplicate"] == 10
     assert outs[1][1] == outs[2][1]  # same documents, same shards, same order
     assert len(set(outs[1][1])) == len(outs[1][1]) == outs[1][0]["kept"]
+
+
+def test_dedup_rounds_give_the_same_output(tmp_path, monkeypatch):
+    """K = 3 dedup rounds (1/3 of the shuffle keys each) write the same shard bytes and the same
+    report as one round, with exact and near duplicates (and chains of them) across units."""
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 1200)  # several units: duplicates cross unit boundaries
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(150)]
+    docs = [" ".join(rng.choice(words, 25)) for _ in range(60)]
+    near = [d.rsplit(" ", 1)[0] + " changed" for d in docs[:12]]
+    rows = docs + docs[5:15] + near + [n.rsplit(" ", 1)[0] + " again" for n in near[:4]] + near[:3]
+    # ... and, at the end, a unit with nothing left after cleaning
+    cfg = _jsonl(tmp_path / "k.jsonl", [rows[i] for i in rng.permutation(len(rows))] + ["tiny"] * 100)
+    outs = {}
+    for k in (1, 3):
+        out = str(tmp_path / f"k{k}")
+        s = prepare(cfg, out, PrepareOptions(shards=3, min_chars=10, near_dup_threshold=0.7, workers=1,
+                                             dedup_partitions=k))
+        assert s["dedup_partitions"] == k
+        shards = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.startswith("shard-")}
+        meta = json.load(open(os.path.join(out, "prepared.json")))
+        outs[k] = shards, {key: v for key, v in meta.items() if key not in ("options", "seconds", "dedup_partitions")}
+        assert sorted(os.listdir(out)) == ["prepared.json", *shards]  # no work files left
+    assert outs[1][1]["report"]["dropped"]["exact duplicate"] == 13
+    assert outs[1][1]["report"]["dropped"]["near duplicate"] >= 12
+    assert outs[1] == outs[3]
+    # the budget picks K: 1 when the shuffles fit, more when not; a cluster runner always 1
+    assert prep.dedup.choose_partitions(1000, 16, 2 << 30, 0, []) == 1
+    assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--direct_num_workers=2"]) > 1
+    assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--runner=DataflowRunner"]) == 1
+    assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--runner", "DirectRunner"]) > 1

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--pack-windows", type=int, default=0, metavar="N",
                     help="write windows of N+1 tokens cut from each shard's concatenated documents "
                          "instead of one record per document (0 = off)")
+    dp.add_argument("--memory-budget", default="2GiB", metavar="SIZE",
+                    help="local runner: memory for one dedup round's shuffles (e.g. 2GiB, 512MiB); the dedup "
+                         "runs in as many rounds as keep each within it (a distributed runner: one round)")
+    dp.add_argument("--dedup-partitions", type=int, default=0, metavar="K",
+                    help="run the dedup in exactly K rounds over 1/K of the keys each (0 = from --memory-budget)")
     dp.add_argument("overrides", nargs="*",
                     help="config overrides; after `--`, Beam pipeline options (e.g. --runner=DataflowRunner "
                          "--project=P --region=R --temp_location=gs://...)")
@@ -254,6 +259,16 @@ def _split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _size_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '2G', '1.5GB', '1000000' -> bytes (K/M/G binary)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise SystemExit(f"--memory-budget: not a size: {text!r} (e.g. 2GiB, 512MiB)") from None
+
+
 def cmd_data(args) -> int:
     from jaxllm.config import load_config
     from jaxllm.data.prepare import PrepareOptions, prepare
@@ -261,7 +276,8 @@ def cmd_data(args) -> int:
     opts = PrepareOptions(shards=args.shards, min_chars=args.min_chars, max_chars=args.max_chars,
                           max_repeat_fraction=args.max_repeat_fraction,
                           near_dup_threshold=args.near_dup_threshold, workers=args.workers,
-                          pack_windows=args.pack_windows, beam_args=list(getattr(args, "beam_args", [])))
+                          pack_windows=args.pack_windows, beam_args=list(getattr(args, "beam_args", [])),
+                          memory_budget=_size_bytes(args.memory_budget), dedup_partitions=args.dedup_partitions)
     summary = prepare(cfg.data, args.out, opts)
     print(json.dumps(summary, indent=2))
     return 0

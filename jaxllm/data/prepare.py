@@ -1,5 +1,5 @@
 """`jaxllm data prepare`: read -> clean -> exact dedup -> near dedup -> tokenize -> ArrayRecord
-shards, as an Apache Beam pipeline, with a drop report.
+shards, as Apache Beam pipelines, with a drop report.
 
 Stages (every one a Beam transform; nothing collects the corpus in the driver):
 
@@ -11,21 +11,35 @@ Stages (every one a Beam transform; nothing collects the corpus in the driver):
    the unit) packed in an int: ordering by id is corpus order.
 2. **Clean** -- Unicode NFC, control characters removed (newline and tab kept), length filters, a
    repetition filter (fraction of duplicated lines). Malformed records are counted per reason as
-   the training readers count them (`sources.parse_json` / `parse_text`).
-3. **Exact dedup** -- key: a hash of the whitespace-normalised text; a combiner keeps the smallest
-   doc id per key (the first in corpus order) and lists the others as removed.
-4. **Near dedup** -- a MinHash signature per document (word 5-gram shingles, `num_perm` hashes);
-   each of `bands` LSH bands is a bucket key -> GroupByKey -> the pairs in each bucket are
-   candidates; each candidate pair (a < b) is verified against the two full signatures (two
-   CoGroupByKey joins on the doc id) and b is removed when the estimated Jaccard >= threshold. So
-   a document is kept iff no document before it is a near duplicate of it: one per cluster of
-   mutual near duplicates (a chain a~b~c with a!~c keeps a only).
-5. **Tokenize + write** -- the removed ids (exact and near) are joined to their units by unit key
-   (CoGroupByKey; only ids travel, never text); units go round-robin to `shards` shards; each shard
-   is written by one worker, which re-reads its units in order, re-applies the (deterministic)
-   cleaning, skips removed ids, tokenizes (tokenizer loaded once per worker in `DoFn.setup`: BOS
-   if the tokenizer has one, ..., EOS) and writes the records. The output is therefore the same
-   for any number of workers.
+   the training readers count them (`sources.parse_json` / `parse_text`). The scan writes, per
+   unit, a *sidecar* file to a work directory: each kept document's ordinal, exact key (a hash of
+   the whitespace-normalised text) and MinHash signature (word 5-gram shingles, `num_perm`
+   hashes); only counts and the first drop location per reason leave the workers.
+3. **Dedup** (`prepare_dedup`) in K rounds; round k reads the sidecars and takes the keys whose
+   hash % K == k. **Exact**: (exact key, doc id) -> GroupByKey -> all but the smallest id (the
+   first in corpus order) removed. **Near**: each of `bands` LSH bands (band index + the band's
+   signature rows) is a bucket key -> (key, doc id) -> GroupByKey -> in a bucket of two or more,
+   the signatures are read back from the sidecars and b is removed when some a < b in the bucket
+   has an estimated Jaccard >= threshold. So a document is kept iff no document before it is a
+   near duplicate of it: one per cluster of mutual near duplicates (a chain a~b~c with a!~c keeps
+   a only); a document that is both is an exact duplicate. Each round's removed ids go to a small
+   file; the driver merges them (8 bytes per removed doc) and re-reads one unit to locate the
+   first exact / near duplicate. The result does not depend on K.
+4. **Tokenize + write** -- units go round-robin to `shards` shards; each shard is written by one
+   worker, which loads the sorted removed ids, re-reads its units in order, re-applies the
+   (deterministic) cleaning, skips removed ids, tokenizes (tokenizer loaded once per worker in
+   `DoFn.setup`: BOS if the tokenizer has one, ..., EOS) and writes the records. The output is
+   therefore the same for any number of workers.
+
+Pipelines: scan (with dedup round 0 when K is known up front), the other rounds, write -- run one
+after the other. The DirectRunner holds a pipeline's shuffles in the runner (driver) process's
+memory: about (1 + bands) entries of ~`prepare_dedup.ENTRY_BYTES` per kept document, split over
+the K rounds, so locally K = ceil(docs x (1 + bands) x ENTRY_BYTES / `memory_budget`) (docs from
+the scan; `dedup_partitions` forces K) keeps the peak near the budget (plus the runner's and each
+worker's own ~0.3-0.5 GB) at any corpus size; a round costs one more read of the sidecars (~280
+bytes per doc). On a distributed runner (`--runner=...` other than a DirectRunner) K = 1: it
+spills shuffles to disk; the work directory is then `_work-*` inside the (gs://) output, removed
+before `prepared.json` is written.
 
 Output format (what the `arrayrecord` source reads): `shard-IIIII-of-NNNNN.array_record` files
 (ArrayRecord, group_size:1), one record per document = its int32 token ids (`np.frombuffer(raw,
@@ -37,23 +51,22 @@ the last partial window of each shard is dropped and counted as `packed_dropped_
 w[:-1], targets = w[1:]) with document boundaries not marked beyond the BOS/EOS tokens.
 
 Drop counts are Beam metrics (counter per reason, plus `read`, `kept`, `tokens`) read back from
-the PipelineResult; the first location of each reason (`path:line` in the first unit of a file,
-`path:byte N` after, `path:group G row R` for Parquet) is a tiny side output combined to the
-minimum doc id. The output directory is written under a temporary name and renamed when complete
-(local), or written with `prepared.json` last (gs://: readers treat a directory without it as
-unfinished); an existing non-empty output directory is never overwritten.
+the PipelineResults (exact/near counts from the removed ids); the first location of each reason
+(`path:line` in the first unit of a file, `path:byte N` after, `path:group G row R` for Parquet) is
+that of the minimum doc id. The output directory is written under a temporary name (the local work
+directory inside it) and renamed when complete (local), or written with `prepared.json` last
+(gs://: readers treat a directory without it as unfinished); an existing non-empty output
+directory is never overwritten.
 
 Runner: locally Beam's DirectRunner in multi-process mode (`workers` processes); any Beam pipeline
 options (`beam_args`, e.g. `--runner=DataflowRunner --project=... --region=...
---temp_location=gs://...`) select another runner. Limits: the DirectRunner holds each shuffle
-(GroupByKey) in the driver's memory -- here only hashes, ids, LSH band keys and 256-byte
-signatures, never text or tokens; a distributed runner spills them.
+--temp_location=gs://...`) select another runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import json
 import os
 import re
@@ -62,23 +75,21 @@ import tempfile
 import time
 import unicodedata
 import uuid
-import zlib
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from jaxllm.config import DataConfig
 from jaxllm.core import storage
+from jaxllm.data import prepare_dedup as dedup
+from jaxllm.data.prepare_dedup import ID_BITS as _ID_BITS, NS, MinHash, count, exact_key, jaccard_estimate, write_sidecar  # noqa: F401
 from jaxllm.data.sources import Report, expand_paths, parse_json, parse_text, parquet_row_groups, read_line_range
 from jaxllm.errors import DataError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CHUNK_BYTES = 8 << 20  # a line-per-record file is read in units of about this many bytes
 INDEX_CHUNK = 10_000  # records per unit for indexed sources (TFDS, the embedded corpus)
-NS = "jaxllm.prepare"  # Beam metrics namespace
-_ID_BITS = 32  # doc id = unit << 32 | ordinal in the unit
 
 
 @dataclasses.dataclass
@@ -92,6 +103,8 @@ class PrepareOptions:
     bands: int = 16
     workers: int = 2  # local DirectRunner worker processes (direct_num_workers)
     pack_windows: int = 0  # > 0: records are windows of pack_windows + 1 tokens (see module doc)
+    memory_budget: int = 2 << 30  # bytes for one dedup round's shuffles on the local runner
+    dedup_partitions: int = 0  # K dedup rounds; 0 = from memory_budget (1 on a distributed runner)
     beam_args: list = dataclasses.field(default_factory=list)  # extra Beam pipeline options
 
 
@@ -116,50 +129,6 @@ def filter_reason(text: str, opts: PrepareOptions) -> Optional[str]:
     if repeat_fraction(text) > opts.max_repeat_fraction:
         return "repetitive (duplicated lines)"
     return None
-
-
-def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=16).digest()
-
-
-class MinHash:
-    """MinHash signatures over word 5-gram shingles (a text shorter than 5 words is one shingle).
-    Word hashes are crc32; a shingle's hash is a mixed polynomial of its 5 word hashes (numpy)."""
-
-    _PRIME = (1 << 61) - 1
-    _MULT = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
-                      0xFF51AFD7ED558CCD], dtype=np.uint64)
-
-    def __init__(self, num_perm: int = 64, bands: int = 16, seed: int = 0):
-        if num_perm % bands:
-            raise DataError(f"num_perm {num_perm} is not a multiple of bands {bands}")
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, self._PRIME, num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, self._PRIME, num_perm, dtype=np.uint64)
-        self.bands, self.rows = bands, num_perm // bands
-
-    def signature(self, text: str) -> np.ndarray:
-        words = text.lower().split() or [""]
-        n = max(len(words) - 4, 1)
-        wh = np.zeros(n + 4, np.uint64)
-        wh[:len(words)] = np.fromiter((zlib.crc32(w.encode()) + 1 for w in words), np.uint64, len(words))
-        with np.errstate(over="ignore"):
-            h = sum(wh[k:k + n] * self._MULT[k] for k in range(5))
-            h ^= h >> np.uint64(29)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(32)
-            h >>= np.uint64(4)
-            sig = ((np.outer(self.a, h) + self.b[:, None]) % np.uint64(self._PRIME)).min(axis=1)
-        return sig.astype(np.uint32)  # the low 32 bits: equality tests only, 256 bytes per doc
-
-    def band_keys(self, sig: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [bytes([b]) + hashlib.blake2b(sig[b * r:(b + 1) * r].tobytes(), digest_size=8).digest()
-                for b in range(self.bands)]
-
-
-def jaccard_estimate(sig_a: bytes, sig_b: bytes) -> float:
-    return float(np.mean(np.frombuffer(sig_a, np.uint32) == np.frombuffer(sig_b, np.uint32)))
 
 
 # ---- units: the sources cut into small independently readable pieces ------------------------------
@@ -264,24 +233,21 @@ def iter_clean(unit: tuple, opts: PrepareOptions, report: Report) -> Iterator[tu
         yield base + ordinal, where, (None if reason else text), reason
 
 
-# ---- the Beam pipeline ------------------------------------------------------------------------------
-def count(name: str, n: int = 1) -> None:
-    if n:
-        Metrics.counter(NS, name).inc(n)
+# ---- the Beam pipelines ------------------------------------------------------------------------------
+@beam.typehints.with_output_types(Any)
+class Scan(beam.DoFn):
+    """unit -> its sidecar file in `work` (kept docs' ordinals, exact keys, MinHash signatures;
+    prepare_dedup.write_sidecar), then the unit index; tagged 'first': (reason, (doc id, where))
+    for the first drop of each reason in the unit; reads, drops and kept docs ("signed") counted."""
 
-@beam.typehints.with_output_types(Any)  # tagged outputs: no inference
-class ReadClean(beam.DoFn):
-    """unit -> (exact key, (doc id, where, signature)) per kept doc; drops counted; the first
-    location of each drop reason to the 'first' output."""
-
-    def __init__(self, opts: PrepareOptions):
-        self.opts = opts
+    def __init__(self, opts: PrepareOptions, work: str):
+        self.opts, self.work = opts, work
 
     def setup(self):
         self.mh = MinHash(self.opts.num_perm, self.opts.bands) if self.opts.near_dup_threshold > 0 else None
 
     def process(self, unit):
-        report, first = Report(), {}
+        report, first, ords, keys, sigs = Report(), {}, [], [], []
         for doc_id, where, text, reason in iter_clean(unit, self.opts, report):
             if reason:
                 report.drop(reason, where)
@@ -289,109 +255,41 @@ class ReadClean(beam.DoFn):
                 for r, w in report.examples.items():
                     first.setdefault(r, (doc_id, w))
                 continue
-            sig = self.mh.signature(text).tobytes() if self.mh else b""
-            yield exact_key(text), (doc_id, where, sig)
+            ords.append(doc_id & ((1 << _ID_BITS) - 1))
+            keys.append(exact_key(text))
+            if self.mh:
+                sigs.append(self.mh.signature(text))
+        write_sidecar(self.work, unit[0], ords, keys, sigs, self.opts.num_perm if self.mh else 0)
         count("read", report.read)
+        count("signed", len(ords))
         for r, n in report.dropped.items():
             count(r, n)
         for r, v in first.items():
             yield beam.pvalue.TaggedOutput("first", (r, v))
+        yield unit[0]
 
-class KeepFirst(beam.CombineFn):
-    """Exact dedup per key: the doc with the smallest id, and the other ids (removed)."""
-
-    def create_accumulator(self):
-        return None, []
-
-    def add_input(self, acc, doc):
-        best, rest = acc
-        if best is None:
-            return doc, rest
-        if doc[0] < best[0]:
-            best, doc = doc, best
-        rest.append((doc[0], doc[1]))
-        return best, rest
-
-    def merge_accumulators(self, accs):
-        best, rest = None, []
-        for b, r in accs:
-            rest += r
-            if b is not None:
-                best, rest = self.add_input((best, rest), b)
-        return best, rest
-
-    def extract_output(self, acc):
-        return acc
-
-@beam.typehints.with_output_types(Any)  # tagged outputs: no inference
-class SplitExact(beam.DoFn):
-    def process(self, kv):
-        best, rest = kv[1]
-        yield best
-        if rest:
-            count("exact duplicate", len(rest))
-            yield beam.pvalue.TaggedOutput("first", ("exact duplicate", min(rest)))
-            for doc_id, _ in rest:
-                yield beam.pvalue.TaggedOutput("removed", (doc_id >> _ID_BITS, doc_id))
-
-class Bands(beam.DoFn):
-    def __init__(self, opts):
-        self.opts = opts
-
-    def setup(self):
-        self.mh = MinHash(self.opts.num_perm, self.opts.bands)
-
-    def process(self, doc):
-        for key in self.mh.band_keys(np.frombuffer(doc[2], np.uint32)):
-            yield key, doc[0]
-
-def bucket_pairs(kv):
-    ids = sorted(set(kv[1]))
-    for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
-            yield a, b
-
-def send_signature(kv):  # (a, {"sig": [(where, sig)], "later": [b, ...]}) -> (b, sig_a) each
-    _, g = kv
-    for _, sig in g["sig"]:
-        for b in g["later"]:
-            yield b, sig
-
-@beam.typehints.with_output_types(Any)  # tagged outputs: no inference
-class Verify(beam.DoFn):
-    """(b, {"sig": [(where, sig_b)], "earlier": [sig_a, ...]}) -> b removed if near a."""
-
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-
-    def process(self, kv):
-        b, g = kv
-        for where, sig in g["sig"]:
-            if any(jaccard_estimate(sig, s) >= self.threshold for s in g["earlier"]):
-                count("near duplicate")
-                yield beam.pvalue.TaggedOutput("first", ("near duplicate", (b, where)))
-                yield b >> _ID_BITS, b
-
-def to_shard(kv, shards: int):  # (unit idx, {"unit": [unit], "removed": [ids]}) -> (shard, ...)
-    _, g = kv
-    for unit in g["unit"]:
-        yield unit[0] % shards, (unit, sorted(g["removed"]))
 
 class WriteShard(beam.DoFn):
-    """(shard, [(unit, removed ids), ...]) -> the shard file: units re-read in order, removed
-    and filtered docs skipped, the rest tokenized and written."""
+    """(shard, [[units]]) -> the shard file: units re-read in order, removed (`removed_path`: all
+    removed ids, sorted, .npy) and filtered docs skipped, the rest tokenized and written."""
 
-    def __init__(self, tokenizer: str, opts: PrepareOptions, out_dir: str, local_dir: str):
+    def __init__(self, tokenizer: str, opts: PrepareOptions, out_dir: str, local_dir: str, removed_path: str):
         self.tokenizer, self.opts, self.out_dir, self.local_dir = tokenizer, opts, out_dir, local_dir
+        self.removed_path = removed_path
 
     def setup(self):
         from jaxllm.data.tokenizer import Tokenizer
         self.tok = Tokenizer(self.tokenizer)
+        self.removed = np.load(io.BytesIO(storage.read_bytes(self.removed_path)))
+
+    def removed_in(self, unit: tuple) -> set:
+        lo, hi = np.searchsorted(self.removed, [unit[0] << _ID_BITS, (unit[0] + 1) << _ID_BITS])
+        return set(self.removed[lo:hi].tolist())
 
     def process(self, kv):
         from array_record.python.array_record_module import ArrayRecordWriter
-        shard, items = kv
-        units = sorted((u for u in items if u is not None), key=lambda u: u[0][0])
+        shard, (units,) = kv
+        units = [(u, self.removed_in(u)) for u in sorted(units, key=lambda u: u[0])]
         name = f"shard-{shard:05d}-of-{self.opts.shards:05d}.array_record"
         remote = storage.is_remote(self.out_dir)
         tmpdir = tempfile.mkdtemp(prefix="jaxllm-shard-") if remote else None
@@ -402,7 +300,7 @@ class WriteShard(beam.DoFn):
         buf = np.zeros(0, np.int32)
         try:
             for unit, removed in units:
-                removed, batch = set(removed), []
+                batch = []
                 for doc_id, _, text, _ in iter_clean(unit, self.opts, Report()):
                     if text is not None and doc_id not in removed:
                         batch.append(text)
@@ -455,34 +353,32 @@ def pipeline_options(opts: PrepareOptions):
     return PipelineOptions(args)
 
 
-def build(p, units: list[tuple], tokenizer: str, opts: PrepareOptions, out_dir: str, local_dir: str,
-          first_seen_path: str):
-    """The prepare pipeline on Beam pipeline `p` (see the module docstring)."""
-    unit_pc = p | "Units" >> beam.Create(units) | "Spread" >> beam.Reshuffle()
-    read = unit_pc | "ReadClean" >> beam.ParDo(ReadClean(opts)).with_outputs("first", main="docs")
-    exact = (read.docs | "ExactDedup" >> beam.CombinePerKey(KeepFirst())
-             | "SplitExact" >> beam.ParDo(SplitExact()).with_outputs("first", "removed", main="kept"))
-    firsts, removed = [read.first, exact.first], [exact.removed]
-    if opts.near_dup_threshold > 0:
-        kept = exact.kept
-        sigs = kept | "SigById" >> beam.Map(lambda d: (d[0], (d[1], d[2])))
-        pairs = (kept | "Bands" >> beam.ParDo(Bands(opts)) | "Buckets" >> beam.GroupByKey()
-                 | "Pairs" >> beam.FlatMap(bucket_pairs) | "DistinctPairs" >> beam.Distinct())
-        refs = ({"sig": sigs, "later": pairs} | "JoinA" >> beam.CoGroupByKey()
-                | "SendSig" >> beam.FlatMap(send_signature))
-        near = ({"sig": sigs, "earlier": refs} | "JoinB" >> beam.CoGroupByKey()
-                | "Verify" >> beam.ParDo(Verify(opts.near_dup_threshold)).with_outputs("first", main="removed"))
-        firsts.append(near.first)
-        removed.append(near.removed)
-    _ = (firsts | "Firsts" >> beam.Flatten() | "FirstPerReason" >> beam.CombinePerKey(min)
-         | "AllFirsts" >> beam.combiners.ToList() | "WriteFirsts" >> beam.ParDo(WriteFirstSeen(first_seen_path)))
-    removed_pc = removed | "Removed" >> beam.Flatten()
-    by_unit = unit_pc | "UnitByIdx" >> beam.Map(lambda u: (u[0], u))
-    every_shard = p | "ShardIds" >> beam.Create([(i, None) for i in range(opts.shards)])
-    shards = (({"unit": by_unit, "removed": removed_pc} | "JoinUnits" >> beam.CoGroupByKey()
-               | "ToShard" >> beam.FlatMap(to_shard, opts.shards), every_shard)
-              | "WithEmpty" >> beam.Flatten() | "ByShard" >> beam.GroupByKey())
-    return shards | "WriteShards" >> beam.ParDo(WriteShard(tokenizer, opts, out_dir, local_dir))
+def build_scan(p, units: list[tuple], opts: PrepareOptions, work: str, parts: int = 0):
+    """Read + clean every unit, its sidecar to `work`; the first location of each drop reason to
+    `work`/first_seen.json. `parts` > 0: dedup round 0 of `parts` in the same pipeline."""
+    scan = (p | "Units" >> beam.Create(units) | "Spread" >> beam.Reshuffle()
+            | "Scan" >> beam.ParDo(Scan(opts, work)).with_outputs("first", main="units"))
+    _ = (scan.first | "FirstPerReason" >> beam.CombinePerKey(min) | "AllFirsts" >> beam.combiners.ToList()
+         | "WriteFirsts" >> beam.ParDo(WriteFirstSeen(storage.join(work, "first_seen.json"))))
+    if parts:
+        dedup.build_round(scan.units, work, 0, parts, opts.bands, opts.near_dup_threshold)
+
+
+def build_write(p, units: list[tuple], tokenizer: str, opts: PrepareOptions, out_dir: str, local_dir: str,
+                removed_path: str):
+    """Units round-robin to `opts.shards` shards (grouped by shard so the workers share them), each
+    shard written by WriteShard."""
+    by_shard = [(s, [u for u in units if u[0] % opts.shards == s]) for s in range(opts.shards)]
+    return (p | "Shards" >> beam.Create(by_shard) | "ByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShard(tokenizer, opts, out_dir, local_dir, removed_path)))
+
+
+def locate(unit: tuple, doc_id: int, opts: PrepareOptions) -> str:
+    """The location (`where`) of document `doc_id` of `unit`, re-read."""
+    for i, where, _, _ in iter_clean(unit, opts, Report()):
+        if i == doc_id:
+            return where
+    raise DataError(f"document {doc_id} not found in unit {unit}")
 
 
 def _counters(result) -> dict:
@@ -492,6 +388,13 @@ def _counters(result) -> dict:
         value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
     return out
+
+
+def _run(opts: PrepareOptions, build_fn, *args) -> dict:
+    """One Beam pipeline built by `build_fn(p, *args)`, run to completion; its counters."""
+    with beam.Pipeline(options=pipeline_options(opts)) as p:
+        build_fn(p, *args)
+    return _counters(p.result)
 
 
 def prepare(cfg: DataConfig, out_dir: str, opts: PrepareOptions) -> dict:
@@ -507,28 +410,42 @@ def prepare(cfg: DataConfig, out_dir: str, opts: PrepareOptions) -> dict:
     t0 = time.time()
     # local: shards are written into a temporary directory beside out_dir, renamed when complete;
     # remote: each shard is written to a worker-local file and uploaded, prepared.json last
+    # the dedup work files (sidecars, removed ids, first locations) go to `work`, removed at the end
     remote = storage.is_remote(out_dir)
     tmp = None if remote else out_dir + f".tmp-{os.getpid()}"
-    first_path = storage.join(out_dir, f"_first_seen-{uuid.uuid4().hex[:8]}.json") if remote \
-        else os.path.join(tmp, "_first_seen.json")
+    work = storage.join(out_dir, f"_work-{uuid.uuid4().hex[:8]}") if remote else os.path.join(tmp, "_work")
     if tmp:
-        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(work, exist_ok=True)
     try:
-        with beam.Pipeline(options=pipeline_options(opts)) as p:
-            build(p, units, cfg.tokenizer, opts, out_dir, tmp or "", first_path)
-        result = p.result
-        counts = _counters(result)
-        first = json.loads(storage.read_text(first_path))
-        storage.path(first_path).unlink()
+        # K known up front (forced, or 1 on a distributed runner): the scan runs round 0 too
+        known = opts.dedup_partitions or (0 if dedup.is_local_runner(opts.beam_args) else 1)
+        counts = _run(opts, build_scan, units, opts, work, known)
+        first = json.loads(storage.read_text(storage.join(work, "first_seen.json")))
+        parts = dedup.choose_partitions(counts.pop("signed", 0), opts.bands if opts.near_dup_threshold > 0 else 0,
+                                        opts.memory_budget, known, opts.beam_args)
+        for k in range(1 if known else 0, parts):
+            _run(opts, dedup.build_later_round, [u[0] for u in units], work, k, parts, opts.bands,
+                 opts.near_dup_threshold)
+        exact, near = dedup.removed_ids(work, parts)
+        for reason, ids in (("exact duplicate", exact), ("near duplicate", near)):
+            counts[reason] = len(ids)
+            if len(ids):
+                first[reason] = locate(units[int(ids[0]) >> _ID_BITS], int(ids[0]), opts)
+        removed_path = storage.join(work, "removed.npy")
+        buf = io.BytesIO()
+        np.save(buf, np.union1d(exact, near).astype(np.int64))
+        storage.write_atomic(removed_path, buf.getvalue())
+        counts.update(_run(opts, build_write, units, cfg.tokenizer, opts, out_dir, tmp or "", removed_path))
+        storage.rmtree(work)
         report = Report(read=counts.pop("read", 0), kept=counts.pop("kept", 0))
         tokens, records = counts.pop("tokens", 0), counts.pop("records", 0)
         tail = counts.pop("packed_dropped_tokens", 0)
-        report.dropped.update({r: n for r, n in counts.items() if n})
+        report.dropped.update({r: counts[r] for r in sorted(counts) if counts[r]})
         report.examples = {r: first[r] for r in sorted(report.dropped) if r in first}
         if report.kept == 0:
             raise DataError(f"nothing left after cleaning ({report.summary()})")
         summary = {"documents": report.kept, "tokens": tokens, "shards": opts.shards,
-                   "tokenizer": tok.describe(), "report": report.as_dict(),
+                   "tokenizer": tok.describe(), "report": report.as_dict(), "dedup_partitions": parts,
                    "options": dataclasses.asdict(opts), "seconds": round(time.time() - t0, 3)}
         if opts.pack_windows:
             summary.update(packed_windows=opts.pack_windows, records=records, packed_dropped_tokens=tail)
