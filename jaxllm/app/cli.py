@@ -266,7 +266,8 @@ def _size_bytes(text: str) -> int:
     try:
         return int(float(t[:-1] if mult > 1 else t) * mult)
     except ValueError:
-        raise SystemExit(f"--memory-budget: not a size: {text!r} (e.g. 2GiB, 512MiB)") from None
+        from jaxllm.errors import ConfigError
+        raise ConfigError(f"--memory-budget: not a size: {text!r} (e.g. 2GiB, 512MiB)") from None
 
 
 def cmd_data(args) -> int:
