@@ -56,6 +56,20 @@ def test_kernel_matches_masked_softmax(heads, kv_heads, slots, lengths, ppb, int
     np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, kc, vc, lengths)), atol=2e-2)
 
 
+def test_kernel_skips_zero_length_rows():
+    """A finished row (length 0) reads nothing: zeros out, every other row as before."""
+    B, H, K, Dh, S = 3, 4, 2, 128, decode.padded_slots(40)
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (B, H, Dh), jnp.float32)
+    kc, vc = (jax.random.normal(k, (K, B, S, Dh), jnp.float32) for k in ks[1:])
+    lengths = jnp.asarray([0, 40, 7], jnp.int32)
+    out = np.asarray(decode.paged_decode_attention(q, kc, vc, lengths, interpret="hlo"))
+    np.testing.assert_array_equal(out[0], 0.0)
+    r16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    ref = np.asarray(_reference(q, r16(kc), r16(vc), lengths))
+    np.testing.assert_allclose(out[1:], ref[1:], atol=2e-5, rtol=2e-5)
+
+
 def test_compacted_writes_drop_left_padding():
     seg = jnp.asarray([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], jnp.int32)
     slots, lengths = decode.chunk_slots(seg, jnp.zeros((3,), jnp.int32))
@@ -93,7 +107,7 @@ def test_paged_sampler_matches_xla_greedy(scan):
     ref = generate_ids(g, st, prompts, 10, prompt_mask=masks, eos_id=(), decode_impl="xla")
     out = generate_ids(g, st, prompts, 10, prompt_mask=masks, eos_id=(), decode_impl="paged")
     _assert_same(ref, out)
-    # a stop id that ends row 0 early (finished rows keep writing pad tokens into their slots)
+    # a stop id that ends row 0 early (from then on the kernel reads none of its keys: length 0)
     eos = int(np.asarray(ref.tokens)[0, 2])
     ref = generate_ids(g, st, prompts, 10, prompt_mask=masks, eos_id=eos, decode_impl="xla")
     out = generate_ids(g, st, prompts, 10, prompt_mask=masks, eos_id=eos, decode_impl="paged")

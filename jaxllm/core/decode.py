@@ -12,6 +12,8 @@ valid keys at slots [0, lengths[b]) -- a *compacted* cache. So prefill writes ea
 prompt tokens from slot 0 on (its left padding is dropped, not stored) and decode step t writes
 row b's new key/value at slot lengths[b] (a per-row scatter); lengths grow by one a step. RoPE
 positions are explicit (the sampler passes them), so moving a key to another slot changes nothing.
+A finished row (it sampled a stop id) gets length 0 and writes nothing: the kernel walks none of
+its pages, so from then on it costs no attention reads, only its share of the batched matmuls.
 
 Page size. A row's pages are contiguous, so the page size only sets the granularity of the
 kernel's DMAs (one async copy per page) and of the cache's padding: pages of 128 slots (fewer,
@@ -171,14 +173,16 @@ def _decode_local(q, k_cache, v_cache, lengths, *, pages_per_block: Optional[int
     with _interpret_mode(interpret):
         out = paged_attention(qs, k_cache.reshape(K, B * pages, page, Dh), v_cache.reshape(K, B * pages, page, Dh),
                               lengths.astype(jnp.int32), table, pages_per_compute_block=ppb)
-    return out.astype(q.dtype)
+    # a length-0 row (a finished sequence) reads no pages; its output is 0, not the kernel's 0/0
+    return jnp.where(lengths[:, None, None] > 0, out, 0).astype(q.dtype)
 
 
 def paged_decode_attention(q, k_cache, v_cache, lengths, *, pages_per_block: Optional[int] = None,
                            interpret=None):
     """One query per row over a compacted cache. q [B, H, Dh]; k_cache/v_cache [K, B, S, Dh]
     (K divides H: query heads h*G..h*G+G-1 share kv head h; S whole pages, see padded_slots);
-    lengths [B] int: row b attends to slots [0, lengths[b]) -> [B, H, Dh] (softmax(q k / sqrt(Dh)) v).
+    lengths [B] int: row b attends to slots [0, lengths[b]) -> [B, H, Dh] (softmax(q k / sqrt(Dh)) v);
+    a row of length 0 reads nothing and gives zeros (the sampler's finished rows).
     pages_per_block=None picks up to BLOCK_KEYS keys a block. interpret: False (the TPU kernel),
     True (Pallas TPU interpret mode), "hlo" (the generic Pallas interpreter; see _interpret_mode),
     None (the kernel on TPU, "hlo" elsewhere)."""

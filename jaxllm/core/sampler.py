@@ -131,9 +131,10 @@ def _generate(graphdef, state, prompt, prompt_mask, rng, temperature, top_p, sto
                    "logps": c["logps"].at[:, t].set(jnp.where(live, logp, 0.0)),
                    "mask": c["mask"].at[:, t].set(live.astype(jnp.int32))}
             done = c["done"] | _is_stop(tok, stops)
-            if paged:
-                h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], jnp.ones((B, 1), jnp.int32),
-                                               cache=c["cache"], kv_lengths=next_pos + t)
+            if paged:  # a finished row writes nothing and reads no keys (length 0: the kernel skips its pages)
+                going = ~done
+                h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], going.astype(jnp.int32)[:, None],
+                                               cache=c["cache"], kv_lengths=jnp.where(going, next_pos + t, 0))
             else:
                 h, cache = model.hidden_cached(tok[:, None], (next_pos + t)[:, None], jnp.ones((B, 1), jnp.int32),
                                                cache=c["cache"], cache_index=P + t, kv_segments=kv_segments)
