@@ -1,12 +1,14 @@
 """`jaxllm data prepare` on Apache Beam: the drop report (same reasons and counts as the training
 readers), exact/near dedup and filters, the shards read back token for token, never-overwrite,
-pre-packed windows, the CLI with Beam passthrough options, and the multi-process DirectRunner
-giving the same documents as the in-process one. Shards are read with grain's
-ArrayRecordDataSource directly (not through jaxllm.data.sources)."""
+pre-packed windows, the CLI with Beam passthrough options, the multi-process DirectRunner
+giving the same documents as the in-process one, the same shards for any number of dedup rounds
+and shuffle groups, and the batched MinHash equal to the per-document definition. Shards are read
+with grain's ArrayRecordDataSource directly (not through jaxllm.data.sources)."""
 
 import glob
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -146,7 +148,8 @@ def test_dedup_rounds_give_the_same_output(tmp_path, monkeypatch):
     # ... and, at the end, a unit with nothing left after cleaning
     cfg = _jsonl(tmp_path / "k.jsonl", [rows[i] for i in rng.permutation(len(rows))] + ["tiny"] * 100)
     outs = {}
-    for k in (1, 3):
+    for k, groups in ((1, 64), (3, 64), (2, 1)):  # K rounds, at least `groups` shuffle groups each
+        monkeypatch.setattr(prep.dedup, "GROUPS", groups)
         out = str(tmp_path / f"k{k}")
         s = prepare(cfg, out, PrepareOptions(shards=3, min_chars=10, near_dup_threshold=0.7, workers=1,
                                              dedup_partitions=k))
@@ -157,9 +160,55 @@ def test_dedup_rounds_give_the_same_output(tmp_path, monkeypatch):
         assert sorted(os.listdir(out)) == ["prepared.json", *shards]  # no work files left
     assert outs[1][1]["report"]["dropped"]["exact duplicate"] == 13
     assert outs[1][1]["report"]["dropped"]["near duplicate"] >= 12
-    assert outs[1] == outs[3]
+    assert outs[1] == outs[3] == outs[2]
     # the budget picks K: 1 when the shuffles fit, more when not; a cluster runner always 1
     assert prep.dedup.choose_partitions(1000, 16, 2 << 30, 0, []) == 1
     assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--direct_num_workers=2"]) > 1
     assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--runner=DataflowRunner"]) == 1
     assert prep.dedup.choose_partitions(10**7, 16, 2 << 30, 0, ["--runner", "DirectRunner"]) > 1
+
+
+def _reference_signature(mh, text: str) -> np.ndarray:
+    """MinHash as defined (and first written): per document, crc32 + 1 per word, word 5-gram
+    shingle hashes, min over shingles of (a h + b) % (2^61 - 1) per permutation, low 32 bits."""
+    words = text.lower().split() or [""]
+    n = max(len(words) - 4, 1)
+    wh = np.zeros(n + 4, np.uint64)
+    wh[:len(words)] = [zlib.crc32(w.encode()) + 1 for w in words]
+    with np.errstate(over="ignore"):
+        h = sum(wh[k:k + n] * mh._MULT[k] for k in range(5))
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+        h >>= np.uint64(4)
+        return ((np.outer(mh.a, h) + mh.b[:, None]) % np.uint64(mh._PRIME)).min(axis=1).astype(np.uint32)
+
+
+def test_batched_minhash_equals_the_per_document_definition(monkeypatch):
+    rng = np.random.default_rng(3)
+    chars = [chr(c) for c in [*range(33, 127), *range(0xC0, 0x250), *range(0x391, 0x3CA), *range(0x4E00, 0x4E40)]]
+
+    def word(n):
+        return "".join(rng.choice(chars, n))
+    texts = ["", "   \n ", "one", "a b c d", "a b c d e", "ΟΔΟΣ Straße ÉCOLE İstanbul", BASE, BASE.upper(),
+             word(300) + " tail", " ".join(word(int(k)) for k in rng.integers(1, 60, 400))]
+    texts += [" ".join(word(int(k)) for k in rng.integers(1, 12, int(m))) for m in rng.integers(0, 40, 60)]
+    mh = prep.dedup.MinHash(64, 16)
+    want = np.stack([_reference_signature(mh, t) for t in texts])
+    np.testing.assert_array_equal(mh.signatures(texts), want)
+    np.testing.assert_array_equal(mh.signature(texts[6]), want[6])
+    monkeypatch.setattr(mh, "CHUNK", 5)  # blocks of a few shingles, a long document alone in its block
+    np.testing.assert_array_equal(mh.signatures(texts), want)
+    # word hashes: zlib's crc32 + 1 for every word, empty and long ones (hashed one by one) included
+    words = ["", "a", "é", *(word(int(k)) for k in rng.integers(1, 120, 300))]
+    got = prep.dedup.word_hashes(" ".join(words).encode())
+    np.testing.assert_array_equal(got, [zlib.crc32(w.encode()) + 1 for w in words])
+    # the Mersenne fold's rare case: a value in [P, P + 7] before the fold (here exactly P, P + 3)
+    small = prep.dedup.MinHash(4, 2)
+    p = small._PRIME
+    small.a, small.b = np.array([1, 1, 3, 7], np.uint64), np.array([0, 3, 0, 1], np.uint64)
+    h = np.array([p, 5, 2 * p, p - 3, 9, 1 << 59], np.uint64)
+    n = np.array([2, 1, 3])
+    with np.errstate(over="ignore"):
+        full = (np.outer(small.a, h) + small.b[:, None]) % np.uint64(p)
+    np.testing.assert_array_equal(small.minhash(h, n), np.minimum.reduceat(full, [0, 2, 3], axis=1).T.astype(np.uint32))
