@@ -278,18 +278,6 @@ class Scan(beam.DoFn):
         yield unit[0], len(ords)
 
 
-def _encoder(tok):
-    """texts -> their token ids with BOS (if the tokenizer has one) and EOS, as
-    `tok.encode_batch(texts, bos=True, eos=True)`; for a Hugging Face tokenizer through its
-    `encode_batch_fast` (the same ids, no character offsets: ~15% less CPU)."""
-    from jaxllm.data.tokenizer import HFTokenizer
-    fast = getattr(tok.tk, "encode_batch_fast", None) if isinstance(tok, HFTokenizer) else None
-    if fast is None:
-        return lambda texts: tok.encode_batch(texts, bos=True, eos=True)
-    head, tail = ([tok.bos_id] if tok.bos_id is not None else []), [tok.eos_id]
-    return lambda texts: [head + e.ids + tail for e in fast(texts, add_special_tokens=False)]
-
-
 def _worker_processes(opts: PrepareOptions) -> bool:
     """The local DirectRunner with several worker processes (multi_processing)."""
     from apache_beam.options.pipeline_options import DirectOptions
@@ -317,7 +305,6 @@ class WriteShard(beam.DoFn):
         if self.single_thread:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tok = Tokenizer(self.tokenizer)
-        self.encode = _encoder(self.tok)
         self.removed_from = None
 
     def removed_in(self, unit: tuple) -> set:
@@ -348,7 +335,7 @@ class WriteShard(beam.DoFn):
                     if text is not None and doc_id not in removed:
                         batch.append(text)
                 for i in range(0, len(batch), 256):
-                    for ids in self.encode(batch[i:i + 256]):
+                    for ids in self.tok.encode_batch(batch[i:i + 256], bos=True, eos=True):
                         arr = np.asarray(ids, np.int32)
                         stats["docs"] += 1
                         stats["tokens"] += len(arr)

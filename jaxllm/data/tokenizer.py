@@ -283,7 +283,9 @@ class HFTokenizer(Tokenizer):
         return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21): the same ids without character offsets, ~15% less CPU
+        encode = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """-> (ids, character offset where each token starts): for locating text spans in tokens."""
