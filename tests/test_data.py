@@ -168,6 +168,21 @@ def test_generated_tasks_have_disjoint_splits():
     assert int(r["answer"]) == a + b and r["rejected"] != r["answer"]
 
 
+def test_demo_noise_rewrites_only_train_demonstrations(tok):
+    clean, noisy = tasks.generate("mix", "train"), tasks.generate("mix", "train", demo_noise=0.5)
+    assert [{k: r[k] for k in ("task", "prompt", "answer", "rejected")} for r in noisy] == clean
+    chatty = [r for r in noisy if "response" in r]
+    assert 0.45 < len(chatty) / len(noisy) < 0.55 and not any("response" in r for r in clean)
+    assert all(r["response"] == tasks.ANSWER_PREFIX + r["answer"] for r in chatty)
+    assert tasks.generate("mix", "test", demo_noise=0.5) == tasks.generate("mix", "test")
+    # SFT imitates the response; the eval answer stays the bare one
+    src = SourceConfig(kind="generated", name="mix", size=64, demo_noise=1.0)
+    p = build_pipeline(DataConfig(kind="chat", sources=[src], eval_fraction=0.0, packing="none"), tok, 48, 8, 0, 1)
+    row = next(p.iterator())
+    targets = [tok.decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(row["targets"], row["loss_mask"])]
+    assert all(t.startswith(tasks.ANSWER_PREFIX.strip()) for t in targets), targets
+
+
 def test_missing_and_empty_sources(tmp_path, tok):
     with pytest.raises(DataError, match="matches no files"):
         build_pipeline(DataConfig(sources=[SourceConfig(kind="jsonl", path=str(tmp_path / "none*.jsonl"))]),

@@ -342,7 +342,7 @@ def open_source(src: SourceConfig, chunk_bytes: int = 0) -> Source:
         source = MemorySource([{"text": d} for d in default_documents()])
     elif src.kind == "generated":
         from jaxllm.data import tasks
-        source = MemorySource(tasks.generate(src.name, src.split, src.size))
+        source = MemorySource(tasks.generate(src.name, src.split, src.size, demo_noise=src.demo_noise))
     elif src.kind == "jsonl":
         field = src.text_field
         source = LinesSource(expand_paths(src.path, (".jsonl", ".json")),

@@ -4,6 +4,12 @@ Each record is {"task", "prompt", "answer", "rejected"}: `answer` is the right c
 `rejected` a plausible wrong one (for preference data). Train and test splits are disjoint by
 construction: an example goes to "test" iff a hash of its prompt says so, so held-out metrics
 (exact match, reward) are measured on prompts never seen in training.
+
+`demo_noise` models demonstrations pooled from sources with another answer convention: that
+fraction of the training records gets a `response` (what SFT imitates, see `chat`) written as
+`answer: <answer>`, which the exact-match verifier does not accept. `answer`, `rejected` and the
+test split are unchanged, so preference data, verifiers and held-out exact match judge against the
+bare answer. SFT learns both conventions; a verifier-driven RL stage can pick the right one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import random
 
 TASKS = ("add", "reverse", "sort")
+ANSWER_PREFIX = "answer: "  # the other convention of noisy demonstrations (demo_noise)
 
 
 def _is_test(prompt: str) -> bool:
@@ -43,8 +50,9 @@ def _sort(rng: random.Random) -> dict:
 _MAKERS = {"add": _add, "reverse": _reverse, "sort": _sort}
 
 
-def generate(name: str, split: str = "train", size: int = 0, seed: int = 1234) -> list[dict]:
-    """`name` is a task or "mix" (all tasks). Deterministic in (name, split, size, seed)."""
+def generate(name: str, split: str = "train", size: int = 0, seed: int = 1234, demo_noise: float = 0.0) -> list[dict]:
+    """`name` is a task or "mix" (all tasks). Deterministic in (name, split, size, seed, demo_noise);
+    `demo_noise` changes only the `response` of train records."""
     from jaxllm.errors import DataError
     names = TASKS if name == "mix" else (name,)
     for n in names:
@@ -54,6 +62,7 @@ def generate(name: str, split: str = "train", size: int = 0, seed: int = 1234) -
         raise DataError(f"generated data split {split!r}: use train or test")
     size = size or (4000 if split == "train" else 300)
     rng = random.Random(f"{name}:{seed}")
+    teacher = random.Random(f"{name}:{seed}:teacher")  # own stream: the examples do not depend on demo_noise
     out, seen = [], set()
     attempts = 0
     while len(out) < size and attempts < size * 50:
@@ -63,6 +72,8 @@ def generate(name: str, split: str = "train", size: int = 0, seed: int = 1234) -
         if ex["prompt"] in seen or _is_test(ex["prompt"]) != (split == "test"):
             continue
         seen.add(ex["prompt"])
+        if split == "train" and teacher.random() < demo_noise:
+            ex["response"] = ANSWER_PREFIX + ex["answer"]
         out.append({"task": task, **ex})
     return out
 
