@@ -125,7 +125,7 @@ class SourceConfig:
     data_dir: str = ""  # tfds data_dir
     weight: float = 1.0  # mixture weight
     size: int = 0  # generated datasets: number of examples (0 = the generator's default)
-    demo_noise: float = 0.0  # generated train data: fraction of demonstrations holding the task's systematic slip (data/tasks.py)
+    demo_noise: float = 0.0  # generated train split: fraction of demonstrations written `answer: X` (data/tasks.py)
     chunk_bytes: int = 0  # jsonl / text lines: bytes per read unit (0 = 1 MiB); the unit of shuffling and sharding
 
     def validate(self) -> None:
@@ -135,8 +135,9 @@ class SourceConfig:
             raise ConfigError(f"data source kind={self.kind} needs a name: set data.sources[i].name")
         if self.weight <= 0:
             raise ConfigError(f"data source weight={self.weight} must be > 0")
-        if not 0.0 <= self.demo_noise <= 1.0 or (self.demo_noise and self.kind != "generated"):
-            raise ConfigError(f"data source demo_noise={self.demo_noise}: a fraction in [0, 1], for kind=generated only")
+        if not 0.0 <= self.demo_noise <= 1.0 or (self.demo_noise and (self.kind, self.split) != ("generated", "train")):
+            raise ConfigError(f"data source demo_noise={self.demo_noise}: a fraction in [0, 1], for kind=generated "
+                              f"split=train only (held-out answers stay bare)")
 
 
 @dataclass

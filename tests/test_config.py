@@ -33,7 +33,7 @@ BAD = [
     (["model.dtype=float64"], "model.dtype='float64': choose one of"),
     (["data.sources=[]"], "data.sources is empty"),
     (["data.sources.0.kind=jsonl"], "needs a path"),
-    (["data.sources.0.demo_noise=0.5"], "demo_noise=0.5: a fraction in [0, 1], for kind=generated only"),
+    (["data.sources.0.demo_noise=0.5"], "demo_noise=0.5: a fraction in [0, 1], for kind=generated split=train only"),
     (["data.tokenizer=/nonexistent/tok.model"], "tokenizer file not found: /nonexistent/tok.model"),
     (["train"], "is not of the form key.sub=value"),
 ]

@@ -175,12 +175,17 @@ def test_demo_noise_rewrites_only_train_demonstrations(tok):
     assert 0.45 < len(chatty) / len(noisy) < 0.55 and not any("response" in r for r in clean)
     assert all(r["response"] == tasks.ANSWER_PREFIX + r["answer"] for r in chatty)
     assert tasks.generate("mix", "test", demo_noise=0.5) == tasks.generate("mix", "test")
+    assert tasks.generate("mix", "train", demo_noise=0.5) == noisy  # deterministic
     # SFT imitates the response; the eval answer stays the bare one
     src = SourceConfig(kind="generated", name="mix", size=64, demo_noise=1.0)
     p = build_pipeline(DataConfig(kind="chat", sources=[src], eval_fraction=0.0, packing="none"), tok, 48, 8, 0, 1)
     row = next(p.iterator())
     targets = [tok.decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(row["targets"], row["loss_mask"])]
     assert all(t.startswith(tasks.ANSWER_PREFIX.strip()) for t in targets), targets
+    # RL prompts from the same noisy source keep the bare reference answer
+    p = build_pipeline(DataConfig(kind="prompt", sources=[src], eval_fraction=0.0), tok, 48, 8, 0, 1)
+    answers = [str(a) for a in next(p.iterator())["answer"]]
+    assert answers and not any(a.startswith(tasks.ANSWER_PREFIX.strip()) for a in answers), answers
 
 
 def test_missing_and_empty_sources(tmp_path, tok):
